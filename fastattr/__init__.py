@@ -1,0 +1,19 @@
+"""fastattr: saliency maps and Grad-CAM for PyTorch vision models as one forward-backward graph.
+
+>>> import fastattr, torchvision
+>>> model = torchvision.models.resnet18().eval()
+>>> out = fastattr.explain(model, images, layer="layer4", methods=("gradcam", "saliency"), k=5)  # doctest: +SKIP
+>>> out.logits, out.classes, out.maps["gradcam"]      # [N, 1000], [N, 5], [N, 5, H, W]  # doctest: +SKIP
+"""
+
+from . import reference
+from .errors import FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
+from .explain import Explainer, Explanation, explain
+from .graph import default_layer, layers
+from .methods import METHODS
+
+__all__ = [
+    "Explainer", "Explanation", "explain", "layers", "default_layer", "METHODS", "reference",
+    "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,27 @@
+"""fastattr's exceptions: each says what was wrong, what was received and how to fix it."""
+
+from __future__ import annotations
+
+
+class FastattrError(Exception):
+    """Base class of every error fastattr raises on purpose."""
+
+
+class LayerError(FastattrError, ValueError):
+    """The target layer does not exist, is not reached by the forward, or is reached twice."""
+
+
+class TargetError(FastattrError, ValueError):
+    """Classes or k do not fit the model's outputs or the batch."""
+
+
+class InputError(FastattrError, ValueError):
+    """The images have the wrong rank, channel count, dtype or device."""
+
+
+class ModelOutputError(FastattrError, TypeError):
+    """The model's output is not a logits tensor and no `output=` says how to pick one."""
+
+
+class MethodError(FastattrError, ValueError):
+    """An unknown method name."""

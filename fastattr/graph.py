@@ -1,0 +1,351 @@
+"""The graph machinery: split a model at a layer, and one forward with a K-class backward above it.
+
+This module knows torch.fx and torch.func and nothing of attribution methods. `split` rewrites a model
+into two pure functions with torch.fx:
+
+    trunk(x) -> (acts, carried)        every node the layer's output does not depend on
+    head(acts, *carried) -> logits     the layer's output and everything computed from it
+
+where `carried` are the trunk's values that the head also reads (skip connections across the layer).
+`forward_backward` then runs the trunk without autograd, takes one `torch.func.vjp` of the head and
+applies it to K one-hot cotangents, either vmapped or called K times. When the input's gradient is
+wanted too (saliency), the trunk runs under its own vjp and the head's gradients flow on into it, so
+one backward serves the layer and the input. No parameter gradient is ever computed, no hook is
+registered, and the model is not modified.
+
+A model that torch.fx cannot trace gets an eager path instead (`Split.traced` is False): a forward
+hook on the layer for the duration of one call, removed in ``finally``. It gives the same numbers,
+is slower, cannot be compiled or exported, and is not safe while other threads use the same model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, fx, nn
+from torch.func import vjp, vmap
+
+from .errors import LayerError, ModelOutputError
+
+KForm = Literal["loop", "vmap"]
+OutputSelector = Callable[[Any], Tensor] | str | int | None
+
+
+# --- layers by name ---------------------------------------------------------------------------------
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def layers(model: nn.Module) -> list[str]:
+    """Module paths that make sense as Grad-CAM target layers: those holding a convolution, and the
+    modules beside the convolutions inside them (norms, activations, pools), in definition order.
+
+    Any module path that `model.get_submodule` accepts may be used as a target; this is the short list.
+
+    >>> fastattr.layers(torchvision.models.resnet18())[-3:]  # doctest: +SKIP
+    ['layer4.1.bn2', 'layer4.1.relu', 'layer4.1']
+    """
+    names = []
+    with_conv = {name for name, m in model.named_modules() if _has_conv(m)}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        parent = name.rpartition(".")[0]
+        if name in with_conv or (parent and parent in with_conv and not list(module.children())):
+            names.append(name)
+    return names
+
+
+def default_layer(model: nn.Module) -> str:
+    """The last direct child of the model that holds a convolution: `layer4` for a ResNet,
+    `features` for VGG, MobileNet, EfficientNet, DenseNet and ConvNeXt, `trunk_output` for RegNet."""
+    for name, child in reversed(list(model.named_children())):
+        if _has_conv(child):
+            return name
+    raise LayerError(
+        f"layer: {type(model).__name__} has no convolution to default to; name a layer, e.g. "
+        f"layer={next((n for n, _ in model.named_children()), 'NAME')!r}")
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """`model.get_submodule(name)`, with an error that lists the nearest valid names."""
+    if not isinstance(name, str):
+        raise LayerError(f"layer: expected a module path such as 'layer4' or 'features.28', got {type(name).__name__}")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        all_names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(name, all_names, n=3, cutoff=0.5)
+        hint = f"closest: {', '.join(repr(c) for c in close)}. " if close else ""
+        raise LayerError(
+            f"layer: no module {name!r} in {type(model).__name__}; {hint}"
+            f"fastattr.layers(model) lists the {len(layers(model))} candidates") from None
+
+
+# --- the split --------------------------------------------------------------------------------------
+
+class _LeafAt(fx.Tracer):
+    """Traces through everything except the target layer, which stays one `call_module` node."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        self.layer = layer
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname == self.layer:
+            return True
+        if self.layer.startswith(qualname + ".") or not qualname:
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def _selector(output: OutputSelector) -> Callable[[Any], Tensor]:
+    if output is None:
+        return lambda out: out
+    if callable(output):
+        return output
+    if isinstance(output, (str, int)):
+        return lambda out: out[output]
+    raise ModelOutputError(f"output: expected a key, an index or a callable, got {type(output).__name__}")
+
+
+def _check_logits(out: Any, model: nn.Module, output: OutputSelector) -> Tensor:
+    if isinstance(out, Tensor) and out.ndim == 2:
+        return out
+    if isinstance(out, Tensor):
+        raise ModelOutputError(
+            f"output: expected logits [N, num_classes] from {type(model).__name__}, got a tensor of shape "
+            f"{list(out.shape)}; pass output=<callable> that returns them")
+    what = type(out).__name__
+    keys = list(out.keys()) if isinstance(out, dict) else None
+    how = f"output={keys[0]!r}" if keys else "output=0"
+    got = f" with keys {keys}" if keys else ""
+    if output is None:
+        raise ModelOutputError(
+            f"output: {type(model).__name__} returns a {what}{got}, not a logits tensor; say which part holds "
+            f"the logits with {how} or output=lambda out: ...")
+    raise ModelOutputError(f"output: {output!r} picked a {what} from the model's output, not a logits tensor")
+
+
+@dataclass(frozen=True)
+class Split:
+    """A model cut at `layer` (None: at the input, for input-only methods)."""
+
+    model: nn.Module
+    layer: str | None
+    trunk: Callable[[Tensor], tuple[Tensor, ...]] | None  # x -> (acts, *carried); None when traced is False
+    head: Callable[..., Tensor]                           # (acts, *carried) -> logits
+    traced: bool
+
+
+def split(model: nn.Module, layer: str | None, output: OutputSelector = None) -> Split:
+    """Cut `model` at the module named `layer` into a trunk and a head (see the module docstring).
+
+    Falls back, with a warning, to the eager hook path when torch.fx cannot trace the model.
+
+    >>> s = split(torchvision.models.resnet18().eval(), "layer3")  # doctest: +SKIP
+    >>> acts, *carried = s.trunk(x); logits = s.head(acts, *carried)  # doctest: +SKIP
+    """
+    select = _selector(output)
+    if layer is None:
+        return Split(model, None, lambda x: (x,), lambda x: _check_logits(select(model(x)), model, output), True)
+    module = get_layer(model, layer)
+    try:
+        graph = _LeafAt(layer).trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the eager path
+        warnings.warn(
+            f"fastattr: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); using the "
+            "eager hook path, which gives the same maps but is slower, cannot be compiled or exported, and "
+            "must not share the model with other threads during a call", stacklevel=3)
+        return Split(model, layer, None, _hooked_head(model, module, layer, select, output), False)
+    gm = fx.GraphModule(model, graph)
+    trunk, head = _cut(gm, layer, type(model).__name__)
+
+    def head_of_clone(acts: Tensor, *carried: Any) -> Tensor:
+        # Some heads start in place (DenseNet: F.relu(features, inplace=True)); the clone keeps the layer's
+        # output as the layer returned it, and the vjp primal untouched.
+        return _check_logits(select(head(acts.clone(), *carried)), model, output)
+
+    return Split(model, layer, trunk, head_of_clone, True)
+
+
+def _cut(gm: fx.GraphModule, layer: str, model_name: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    nodes = list(gm.graph.nodes)
+    calls = [n for n in nodes if n.op == "call_module" and n.target == layer]
+    if not calls:
+        raise LayerError(
+            f"layer: {layer!r} exists in {model_name} but its forward never calls it; pick a layer the forward "
+            f"uses (fastattr.layers(model) lists candidates)")
+    if len(calls) > 1:
+        raise LayerError(
+            f"layer: {layer!r} is called {len(calls)} times in one forward of {model_name}, so it has no single "
+            "activation to explain; pick a layer that runs once")
+    (at,) = calls
+    above: set[fx.Node] = set()
+    for node in nodes:
+        if any(a is at or a in above for a in node.all_input_nodes):
+            above.add(node)
+    out_node = nodes[-1]
+    if out_node not in above:
+        raise LayerError(f"layer: the output of {model_name} does not depend on {layer!r}; pick a layer below the logits")
+    carried = [n for n in nodes if n not in above and n is not at and n.op != "get_attr"
+               and any(u in above for u in n.users)]
+
+    trunk_graph, env = fx.Graph(), {}
+    for node in nodes:
+        if node in above:
+            continue
+        env[node] = trunk_graph.node_copy(node, lambda n: env[n])
+    trunk_graph.output((env[at], *(env[c] for c in carried)))
+
+    head_graph, env = fx.Graph(), {}
+    env[at] = head_graph.placeholder("acts")
+    for i, node in enumerate(carried):
+        env[node] = head_graph.placeholder(f"carried_{i}")
+    for node in nodes:
+        if node.op == "get_attr" and any(u in above for u in node.users):
+            env[node] = head_graph.node_copy(node, lambda n: env[n])
+        elif node in above:
+            env[node] = head_graph.node_copy(node, lambda n: env[n])
+    trunk = fx.GraphModule(gm, trunk_graph)
+    trunk.graph.eliminate_dead_code()
+    trunk.recompile()
+    return trunk, fx.GraphModule(gm, head_graph)
+
+
+# --- one forward, one K-class backward ---------------------------------------------------------------
+
+class Passes(NamedTuple):
+    """What one forward and one K-class backward produce, batch first."""
+
+    logits: Tensor                   # [N, num_classes]
+    classes: Tensor                  # [N, K]
+    acts: Tensor                     # [N, C, h, w], the layer's output (the images when split at the input)
+    acts_grads: Tensor               # [N, K, C, h, w], d logit_k / d acts
+    input_grads: Tensor | None       # [N, K, C_in, H, W], d logit_k / d images, when asked for
+
+
+def one_hot(classes: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """`[N, K]` class indices -> `[K, N, num_classes]` one-hot cotangents (traceable, unlike F.one_hot)."""
+    return (classes.T[..., None] == torch.arange(num_classes, device=classes.device)).to(dtype)
+
+
+def _per_class(backward: Callable[[Tensor], tuple[Tensor, ...]], cotangents: Tensor, k_form: KForm) -> tuple[Tensor, ...]:
+    if k_form == "vmap":
+        grads = vmap(backward)(cotangents)
+    else:
+        per_k = [backward(ct) for ct in cotangents.unbind(0)]
+        grads = tuple(torch.stack(g) for g in zip(*per_k))
+    return tuple(g.movedim(0, 1) for g in grads)
+
+
+def _pick(logits: Tensor, classes: Tensor | None, k: int) -> Tensor:
+    return logits.topk(k, dim=1).indices if classes is None else classes
+
+
+def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *,
+                     input_grads: bool = False, k_form: KForm = "loop") -> Passes:
+    """One forward through `s`, then d logit_c / d acts (and / d x) for K classes per image.
+
+    `classes` is `[N, K]` or None for the top-`k` classes of each image. A pure function of its tensor
+    arguments: it is what `torch.compile` and the exporters see.
+    """
+    if not s.traced:
+        return _hooked_forward_backward(s, x, classes, k, input_grads=input_grads)
+    with torch.no_grad():
+        if input_grads and s.layer is not None:
+            return _through_trunk(s, x, classes, k, k_form)
+        acts, *carried = s.trunk(x)
+        logits, head_vjp = vjp(lambda a: s.head(a, *carried), acts)
+        classes = _pick(logits, classes, k)
+        cotangents = one_hot(classes, logits.shape[1], logits.dtype)
+        (acts_grads,) = _per_class(head_vjp, cotangents, k_form)
+        if input_grads:  # split at the input: the layer is the input
+            return Passes(logits, classes, acts, acts_grads, acts_grads)
+        return Passes(logits, classes, acts, acts_grads, None)
+
+
+def _differentiable(values: tuple[Any, ...]) -> list[int]:
+    return [i for i, v in enumerate(values) if isinstance(v, Tensor) and v.is_floating_point()]
+
+
+def _through_trunk(s: Split, x: Tensor, classes: Tensor | None, k: int, k_form: KForm) -> Passes:
+    # Carried values that are not float tensors (sizes, masks) are constants of the backward; the
+    # vjp's aux may hold only tensors, so the rest leave it through `plain`.
+    plain: dict[int, Any] = {}
+    diff: list[int] = []
+
+    def trunk(x: Tensor):
+        acts, *values = s.trunk(x)
+        diff.extend(_differentiable(tuple(values)))
+        plain.update((i, v) for i, v in enumerate(values) if not isinstance(v, Tensor))
+        constants = {i: v for i, v in enumerate(values) if i not in plain and i not in diff}
+        return (acts, tuple(values[i] for i in diff)), constants
+
+    (acts, diff_carried), trunk_vjp, constants = vjp(trunk, x, has_aux=True)
+    carried = [constants.get(i, plain.get(i)) for i in range(len(diff) + len(constants) + len(plain))]
+
+    def head(a: Tensor, *diff_values: Tensor) -> Tensor:
+        values = list(carried)
+        for i, v in zip(diff, diff_values):
+            values[i] = v
+        return s.head(a, *values)
+
+    logits, head_vjp = vjp(head, acts, *diff_carried)
+
+    def backward(ct: Tensor) -> tuple[Tensor, Tensor]:
+        acts_grad, *carried_grads = head_vjp(ct)
+        (input_grad,) = trunk_vjp((acts_grad, tuple(carried_grads)))
+        return acts_grad, input_grad
+
+    classes = _pick(logits, classes, k)
+    cotangents = one_hot(classes, logits.shape[1], logits.dtype)
+    acts_grads, input_grads = _per_class(backward, cotangents, k_form)
+    return Passes(logits, classes, acts, acts_grads, input_grads)
+
+
+# --- the eager path for models torch.fx cannot trace ---------------------------------------------------
+
+def _hooked_head(model: nn.Module, module: nn.Module, layer: str, select, output) -> Callable[..., Any]:
+    def run(x: Tensor, input_grads: bool):
+        seen: list[Tensor] = []
+
+        def keep(mod, inputs, out):
+            if not isinstance(out, Tensor):
+                raise LayerError(f"layer: {layer!r} returns a {type(out).__name__}, not a tensor; pick a layer with a tensor output")
+            if not input_grads:  # cut the graph here: no autograd state below the layer
+                out = out.detach().requires_grad_()
+            seen.append(out)
+            return out
+
+        handle = module.register_forward_hook(keep)
+        try:
+            logits = _check_logits(select(model(x)), model, output)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise LayerError(
+                f"layer: {layer!r} ran {len(seen)} times in one forward of {type(model).__name__}; "
+                "pick a layer that runs exactly once")
+        return logits, seen[0]
+
+    return run
+
+
+def _hooked_forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *, input_grads: bool) -> Passes:
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(input_grads)
+        logits, acts = s.head(x_in, input_grads)
+    classes = _pick(logits.detach(), classes, k)
+    cotangents = one_hot(classes, logits.shape[1], logits.dtype)
+    wrt = (acts, x_in) if input_grads else (acts,)
+    per_k = [torch.autograd.grad(logits, wrt, ct, retain_graph=i < len(cotangents) - 1)
+             for i, ct in enumerate(cotangents)]
+    grads = [torch.stack(g).movedim(0, 1) for g in zip(*per_k)]
+    return Passes(logits.detach(), classes, acts.detach(), grads[0], grads[1] if input_grads else None)
