@@ -236,11 +236,15 @@ def one_hot(classes: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     return (classes.T[..., None] == torch.arange(num_classes, device=classes.device)).to(dtype)
 
 
-def _per_class(backward: Callable[[Tensor], tuple[Tensor, ...]], cotangents: Tensor, k_form: KForm) -> tuple[Tensor, ...]:
+def _per_class(backward: Callable[[Tensor, bool], tuple[Tensor, ...]], cotangents: Tensor,
+               k_form: KForm) -> tuple[Tensor, ...]:
+    # The last backward frees the graph: a retained graph keeps every saved activation alive through
+    # the backward, which cost 15 % on resnet50 (fresh memory instead of reused buffers).
     if k_form == "vmap":
-        grads = vmap(backward)(cotangents)
+        grads = vmap(lambda ct: backward(ct, False))(cotangents)
     else:
-        per_k = [backward(ct) for ct in cotangents.unbind(0)]
+        last = cotangents.shape[0] - 1
+        per_k = [backward(ct, i < last) for i, ct in enumerate(cotangents.unbind(0))]
         grads = tuple(torch.stack(g) for g in zip(*per_k))
     return tuple(g.movedim(0, 1) for g in grads)
 
@@ -265,7 +269,7 @@ def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *,
         logits, head_vjp = vjp(lambda a: s.head(a, *carried), acts)
         classes = _pick(logits, classes, k)
         cotangents = one_hot(classes, logits.shape[1], logits.dtype)
-        (acts_grads,) = _per_class(head_vjp, cotangents, k_form)
+        (acts_grads,) = _per_class(lambda ct, retain: head_vjp(ct, retain_graph=retain), cotangents, k_form)
         if input_grads:  # split at the input: the layer is the input
             return Passes(logits, classes, acts, acts_grads, acts_grads)
         return Passes(logits, classes, acts, acts_grads, None)
@@ -299,9 +303,9 @@ def _through_trunk(s: Split, x: Tensor, classes: Tensor | None, k: int, k_form: 
 
     logits, head_vjp = vjp(head, acts, *diff_carried)
 
-    def backward(ct: Tensor) -> tuple[Tensor, Tensor]:
-        acts_grad, *carried_grads = head_vjp(ct)
-        (input_grad,) = trunk_vjp((acts_grad, tuple(carried_grads)))
+    def backward(ct: Tensor, retain: bool) -> tuple[Tensor, Tensor]:
+        acts_grad, *carried_grads = head_vjp(ct, retain_graph=retain)
+        (input_grad,) = trunk_vjp((acts_grad, tuple(carried_grads)), retain_graph=retain)
         return acts_grad, input_grad
 
     classes = _pick(logits, classes, k)

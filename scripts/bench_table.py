@@ -1,0 +1,74 @@
+"""Turn a pytest-benchmark JSON file into a markdown table of images/s, per group and case.
+
+Each case's figure is the median over its reps of the per-rep median throughput; ratios are to the
+group's floor (plain inference, or the bare forward-backward for saliency), to the retain-graph loop
+(one forward, K autograd.grad calls) and to the article's code, where the group has them.
+
+    .venv/bin/python scripts/bench_table.py benchmarks/results/cpu-core.json [--readme README.md]
+
+With --readme, the table replaces the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`,
+NAME being the JSON file's stem, so the README's figures always come from a committed results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+FLOORS = ("inference", "forward-backward-to-input")
+
+
+def table(data: dict) -> str:
+    per_case: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    meta: dict[str, dict] = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        if "images_per_s" not in info:
+            continue
+        per_case[info["group"]][info["case"]].append(info["images_per_s"])
+        meta[(info["group"], info["case"])] = info
+    machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "?"))
+    lines = [f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, {machine.get('system', '')} "
+             f"{machine.get('release', '')}; torch {next(iter(meta.values()), {}).get('torch', '?')}; "
+             f"run {data.get('datetime', '?')[:16]}.", ""]
+    lines += ["| group | model | batch | case | images/s | x floor | x retain-graph loop | x article | reps |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for group, cases in per_case.items():
+        median = {case: statistics.median(v) for case, v in cases.items()}
+        floor = next((median[f] for f in FLOORS if f in median), None)
+        article = median.get("article")
+        loop = median.get("retain-graph-loop")
+        for case, value in median.items():
+            info = meta[(group, case)]
+            x_floor = f"{value / floor:.2f}" if floor else "-"
+            x_article = f"{value / article:.1f}" if article else "-"
+            x_loop = f"{value / loop:.2f}" if loop else "-"
+            lines.append(f"| {group} | {info['model']} {info['size']}px | {info['batch']} | {case} | {value:.2f} | "
+                         f"{x_floor} | {x_loop} | {x_article} | {len(cases[case])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--readme", type=Path)
+    args = parser.parse_args()
+    text = table(json.loads(args.results.read_text()))
+    if args.readme is None:
+        print(text, end="")
+        return
+    name = args.results.stem
+    pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
+    readme = args.readme.read_text()
+    if not pattern.search(readme):
+        raise SystemExit(f"{args.readme}: no block <!-- bench:{name} --> ... <!-- /bench:{name} --> to fill")
+    args.readme.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), readme))
+
+
+if __name__ == "__main__":
+    main()
