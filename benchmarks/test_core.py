@@ -11,7 +11,7 @@ import pytest
 import fastattr
 from baselines import (article_gradcam, article_saliency, forward_backward_to_input, plain_inference,
                        retain_graph_loop)
-from conftest import BATCH, SMOKE, images, model, run
+from harness import BATCH, SMOKE, images, model, run
 
 MODEL = "resnet18" if SMOKE else "resnet50"
 REFERENCE_IMAGES = 1 if SMOKE else 2  # the article works one image at a time: its throughput needs no full batch

@@ -1,0 +1,42 @@
+"""Shared set-up for the benchmark suite: models with random weights, fixed inputs, throughput records.
+
+Full run (this machine's figures in benchmarks/results/):
+    FASTATTR_BENCH=full .venv/bin/python -m pytest benchmarks --benchmark-json=benchmarks/results/cpu-core.json
+Without FASTATTR_BENCH=full the suite runs in smoke mode (resnet18, 64x64, batch 2, one round): that is
+what the test command runs, so the suite cannot rot, and no figure from it is worth reading.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torchvision
+
+FULL = os.environ.get("FASTATTR_BENCH") == "full"
+SMOKE = not FULL
+SIZE = 224 if FULL else 64
+BATCH = 16 if FULL else 2
+REPS = 3 if FULL else 1
+ROUNDS = 2 if FULL else 1
+
+
+@functools.cache
+def model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)().eval()
+
+
+@functools.cache
+def images(n: int = BATCH) -> torch.Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+
+
+def run(benchmark, fn, n_images: int, **info) -> None:
+    """Time `fn()` (one warm-up outside the timer) and record images/s in extra_info."""
+    benchmark.extra_info.update(info, batch=n_images, size=SIZE, threads=torch.get_num_threads(),
+                                device="cpu", torch=torch.__version__)
+    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["images_per_s"] = n_images / benchmark.stats.stats.median
