@@ -7,13 +7,13 @@
 """
 
 from . import reference
-from .errors import FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
+from .errors import CompileError, FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
 from .explain import Explainer, Explanation, explain
 from .graph import default_layer, layers
 from .methods import METHODS
 
 __all__ = [
     "Explainer", "Explanation", "explain", "layers", "default_layer", "METHODS", "reference",
-    "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
+    "CompileError", "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
 ]
 __version__ = "0.1.0"

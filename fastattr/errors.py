@@ -25,3 +25,7 @@ class ModelOutputError(FastattrError, TypeError):
 
 class MethodError(FastattrError, ValueError):
     """An unknown method name."""
+
+
+class CompileError(FastattrError, ValueError):
+    """A compile option that cannot apply to this model or device."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from .errors import FastattrError, InputError, MethodError
 from .graph import OutputSelector
 
 __all__ = ["Explanation", "Explainer", "explain"]
+
+log = logging.getLogger("fastattr")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,14 @@ class Explainer:
         k_form: how the K-class backward runs: "loop" (one vjp function called K times) or "vmap";
             "auto" picks "loop", the faster on CPU by measurement (benchmarks/results).
         keep_grads: also return the raw gradients in `Explanation.grads`.
+        compile: True, or a dict of `torch.compile` options (`mode`, `dynamic`, `backend`, `options`), to
+            run the whole attribution — forward, K-class backward, methods, post-processing — as one
+            `torch.compile(fullgraph=True)` graph. The first call per input signature compiles (tens of
+            seconds on CPU): call `warmup` first; `compile_seconds` records what each took. Batch sizes
+            use torch.compile's automatic dynamic shapes: a second batch size recompiles once with a
+            symbolic batch dimension, later sizes reuse it; each K compiles once.
+        dtype: torch.bfloat16 or torch.float16 to run the model under autocast (maps and logits come back
+            in the images' dtype); None runs in the model's own dtype.
 
     >>> explainer = fastattr.Explainer(model.eval(), layer="layer4", methods=("gradcam", "saliency"))
     >>> out = explainer(images, k=3)          # or classes=281, [281, 285], tensor[N] or tensor[N, K]
@@ -67,7 +79,8 @@ class Explainer:
 
     def __init__(self, model: nn.Module, layer: str | None = None, methods: str | Sequence[str] = ("gradcam",), *,
                  output: OutputSelector = None, upsample: bool = True, normalize: bool = True,
-                 k_form: Literal["auto", "loop", "vmap"] = "auto", keep_grads: bool = False):
+                 k_form: Literal["auto", "loop", "vmap"] = "auto", keep_grads: bool = False,
+                 compile: bool | dict = False, dtype: torch.dtype | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if k_form not in ("auto", "loop", "vmap"):
@@ -89,6 +102,19 @@ class Explainer:
         self._param = next(model.parameters(), None)
         self._num_classes: dict[tuple, int] = {}
         self._lock = threading.Lock()
+        if dtype not in (None, torch.bfloat16, torch.float16):
+            raise InputError(f"dtype: expected None, torch.bfloat16 or torch.float16, got {dtype}")
+        self.dtype = dtype
+        self.compile_seconds: dict[tuple, float] = {}
+        self._compiled = None
+        if compile:
+            options = {} if compile is True else dict(compile)
+            if not self.split.traced:
+                raise graph.CompileError(
+                    f"compile: {type(model).__name__} runs on the eager hook path (torch.fx could not trace it), "
+                    "which cannot be compiled; make the forward traceable or use compile=False")
+            self._compiled = graph.compile(self._pure, device=self._param.device if self._param is not None else None,
+                                           **options)
 
     def __repr__(self) -> str:
         return (f"Explainer({type(self.model).__name__}, layer={self.layer!r}, methods={self.methods}, "
@@ -105,23 +131,59 @@ class Explainer:
         return self.run(images, target.classes, target.k)
 
     def run(self, images: Tensor, classes: Tensor | None, k: int) -> Explanation:
-        """The checked-input-free core of `__call__`: a pure function of `images` and `classes [N, K]`
-        (or None for the top-`k`), which is what gets compiled and exported."""
-        p = graph.forward_backward(self.split, images, classes, k, input_grads=self.wants_input, k_form=self.k_form)
-        maps = {}
+        """`__call__` without its checks: `classes [N, K]` (int64, on the images' device) or None for the
+        top-`k`. Runs the compiled graph when the explainer was built with `compile=`."""
+        if self._compiled is None:
+            logits, classes, maps, grads = self._pure(images, classes, k)
+        else:
+            logits, classes, maps, grads = self._run_compiled(images, classes, k)
+        grad_names = [n for n, on in (("layer", self.layer is not None), ("input", self.wants_input)) if on]
+        return Explanation(logits, classes, dict(zip(self.methods, maps)), self.layer,
+                           dict(zip(grad_names, grads)) if self.keep_grads else {})
+
+    def warmup(self, images: Tensor, classes: _targets.Classes = None, k: int | None = None) -> float:
+        """Run once on `images` (compiling, when compiled, for that signature) and return the seconds it took.
+
+        >>> seconds = fastattr.Explainer(model, compile=True).warmup(images, k=5)  # doctest: +SKIP
+        """
+        start = time.perf_counter()
+        self(images, classes=classes, k=k)
+        return time.perf_counter() - start
+
+    def _run_compiled(self, images: Tensor, classes: Tensor | None, k: int):
+        signature = (tuple(images.shape), images.dtype, str(images.device), k, classes is None)
+        if signature in self.compile_seconds:
+            return self._compiled(images, classes, k)
+        with self._lock:  # one compile per signature, even when threads arrive together
+            start = time.perf_counter()
+            result = self._compiled(images, classes, k)
+            if signature not in self.compile_seconds:
+                self.compile_seconds[signature] = seconds = time.perf_counter() - start
+                log.info("fastattr: first compiled call for images %s %s, k=%d took %.1f s (includes compiling)",
+                         list(images.shape), images.dtype, k, seconds)
+            return result
+
+    def _pure(self, images: Tensor, classes: Tensor | None, k: int):
+        """The attribution as one pure function of tensors: what torch.compile and the exporters see."""
+        with torch.autocast(images.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            p = graph.forward_backward(self.split, images, classes, k, input_grads=self.wants_input,
+                                       k_form=self.k_form)
+        acts, acts_grads = p.acts.to(images.dtype), p.acts_grads.to(images.dtype)
+        input_grads = p.input_grads.to(images.dtype) if p.input_grads is not None else None
+        maps = []
         for name in self.methods:
             method = _methods.METHODS[name]
-            raw = method.fn(p.acts, p.acts_grads) if method.at == "layer" else method.fn(images, p.input_grads)
+            raw = method.fn(acts, acts_grads) if method.at == "layer" else method.fn(images, input_grads)
             if self.upsample:
                 raw = postprocess.upsample(raw, images.shape[-2:])
-            maps[name] = method.normalize(raw) if self.normalize else raw
-        grads = {}
+            maps.append(method.normalize(raw) if self.normalize else raw)
+        grads = []
         if self.keep_grads:
             if self.layer is not None:
-                grads["layer"] = p.acts_grads
+                grads.append(acts_grads)
             if self.wants_input:
-                grads["input"] = p.input_grads
-        return Explanation(p.logits, p.classes, maps, self.layer, grads)
+                grads.append(input_grads)
+        return p.logits.to(images.dtype), p.classes, tuple(maps), tuple(grads)
 
     def _check_images(self, images: Tensor) -> None:
         if not isinstance(images, Tensor):

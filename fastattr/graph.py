@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import vjp, vmap
 
-from .errors import LayerError, ModelOutputError
+from .errors import CompileError, LayerError, ModelOutputError
 
 KForm = Literal["loop", "vmap"]
 OutputSelector = Callable[[Any], Tensor] | str | int | None
@@ -353,3 +353,20 @@ def _hooked_forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int
              for i, ct in enumerate(cotangents)]
     grads = [torch.stack(g).movedim(0, 1) for g in zip(*per_k)]
     return Passes(logits.detach(), classes, acts.detach(), grads[0], grads[1] if input_grads else None)
+
+
+# --- compile ------------------------------------------------------------------------------------------
+
+def compile(fn: Callable, *, device: torch.device | None = None, mode: str | None = None,
+            dynamic: bool | None = None, backend: str = "inductor", options: dict | None = None) -> Callable:
+    """`torch.compile(fn, fullgraph=True)`: a graph break raises instead of silently splitting the graph.
+
+    `mode="reduce-overhead"` (CUDA graphs) is for CUDA models; nothing global is configured.
+    """
+    if mode == "reduce-overhead" and (device is None or device.type != "cuda"):
+        raise CompileError(f"compile: mode='reduce-overhead' replays CUDA graphs, but the model is on "
+                           f"{device or 'no device'}; use the default mode or move the model to CUDA")
+    chosen = {"mode": mode} if mode is not None else {}
+    if options is not None:
+        chosen["options"] = options  # torch.compile takes mode or options, not both
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend, **chosen)
