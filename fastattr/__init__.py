@@ -9,11 +9,12 @@
 from . import reference
 from .errors import CompileError, FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
 from .explain import Explainer, Explanation, explain
+from .export import Program, export_program, load_program
 from .graph import default_layer, layers
 from .methods import METHODS
 
 __all__ = [
-    "Explainer", "Explanation", "explain", "layers", "default_layer", "METHODS", "reference",
+    "Explainer", "Explanation", "explain", "export_program", "load_program", "Program", "layers", "default_layer", "METHODS", "reference",
     "CompileError", "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
 ]
 __version__ = "0.1.0"

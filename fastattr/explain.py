@@ -66,9 +66,12 @@ class Explainer:
         compile: True, or a dict of `torch.compile` options (`mode`, `dynamic`, `backend`, `options`), to
             run the whole attribution — forward, K-class backward, methods, post-processing — as one
             `torch.compile(fullgraph=True)` graph. The first call per input signature compiles (tens of
-            seconds on CPU): call `warmup` first; `compile_seconds` records what each took. Batch sizes
-            use torch.compile's automatic dynamic shapes: a second batch size recompiles once with a
-            symbolic batch dimension, later sizes reuse it; each K compiles once.
+            seconds on CPU): call `warmup` first; `compile_seconds` records what each took. The batch
+            dimension is symbolic from the first call (after a first call with N = 1, N >= 2 compiles
+            once more), so new batch sizes do not recompile; every other shape, the dtype and K are
+            static, and each K compiles a graph of its own. torch.compile keeps up to
+            `torch._dynamo.config.recompile_limit` (8) graphs per function and runs eagerly past that, so
+            keep the K values and image sizes per explainer few.
         dtype: torch.bfloat16 or torch.float16 to run the model under autocast (maps and logits come back
             in the images' dtype); None runs in the model's own dtype.
 
@@ -152,6 +155,7 @@ class Explainer:
 
     def _run_compiled(self, images: Tensor, classes: Tensor | None, k: int):
         signature = (tuple(images.shape), images.dtype, str(images.device), k, classes is None)
+        images, classes = graph.mark_batch_dynamic(images, classes)
         if signature in self.compile_seconds:
             return self._compiled(images, classes, k)
         with self._lock:  # one compile per signature, even when threads arrive together
@@ -159,7 +163,8 @@ class Explainer:
             result = self._compiled(images, classes, k)
             if signature not in self.compile_seconds:
                 self.compile_seconds[signature] = seconds = time.perf_counter() - start
-                log.info("fastattr: first compiled call for images %s %s, k=%d took %.1f s (includes compiling)",
+                log.info("fastattr: first compiled call for images %s %s, k=%d took %.1f s (compiling, unless a graph "
+                         "for this shape existed)",
                          list(images.shape), images.dtype, k, seconds)
             return result
 

@@ -243,8 +243,10 @@ def _per_class(backward: Callable[[Tensor, bool], tuple[Tensor, ...]], cotangent
     if k_form == "vmap":
         grads = vmap(lambda ct: backward(ct, False))(cotangents)
     else:
-        last = cotangents.shape[0] - 1
-        per_k = [backward(ct, i < last) for i, ct in enumerate(cotangents.unbind(0))]
+        # K must be a Python int: under torch.compile a second K makes it symbolic, and retain_graph
+        # takes a real bool. int() specialises the graph on K.
+        k = int(cotangents.shape[0])
+        per_k = [backward(cotangents[i], i < k - 1) for i in range(k)]
         grads = tuple(torch.stack(g) for g in zip(*per_k))
     return tuple(g.movedim(0, 1) for g in grads)
 
@@ -358,15 +360,56 @@ def _hooked_forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int
 # --- compile ------------------------------------------------------------------------------------------
 
 def compile(fn: Callable, *, device: torch.device | None = None, mode: str | None = None,
-            dynamic: bool | None = None, backend: str = "inductor", options: dict | None = None) -> Callable:
+            dynamic: bool = False, backend: str = "inductor", options: dict | None = None) -> Callable:
     """`torch.compile(fn, fullgraph=True)`: a graph break raises instead of silently splitting the graph.
 
-    `mode="reduce-overhead"` (CUDA graphs) is for CUDA models; nothing global is configured.
+    Shapes are static (`dynamic=False`) except what the caller marks with `mark_batch_dynamic`: K has to
+    stay a constant of the graph (the K-call loop unrolls over it, and automatic dynamic shapes would turn
+    a second K symbolic). `mode="reduce-overhead"` (CUDA graphs) is for CUDA models. Nothing global is
+    configured.
     """
     if mode == "reduce-overhead" and (device is None or device.type != "cuda"):
         raise CompileError(f"compile: mode='reduce-overhead' replays CUDA graphs, but the model is on "
                            f"{device or 'no device'}; use the default mode or move the model to CUDA")
+    if dynamic:
+        raise CompileError("compile: dynamic=True would make K symbolic, which the K-class backward cannot take; "
+                           "the batch dimension is already dynamic")
     chosen = {"mode": mode} if mode is not None else {}
     if options is not None:
         chosen["options"] = options  # torch.compile takes mode or options, not both
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend, **chosen)
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, **chosen)
+
+
+def mark_batch_dynamic(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Views of `tensors` whose first dimension torch.compile treats as symbolic (the caller's own
+    tensors are not marked)."""
+    views = tuple(t.view_as(t) if t is not None else None for t in tensors)
+    for view in views:
+        if view is not None:
+            torch._dynamo.maybe_mark_dynamic(view, 0)
+    return views
+
+
+# --- ahead-of-time graphs ------------------------------------------------------------------------------
+
+def trace(fn: Callable[..., tuple[Tensor, ...]], example: tuple[Tensor, ...],
+          decompositions: dict | None = None) -> fx.GraphModule:
+    """Trace `fn` into one aten graph, torch.func's backward written out as ordinary ops (make_fx).
+
+    torch.export cannot trace torch.func.vjp itself (a functorch tensor reaches its fake-tensor
+    conversion), but it exports the graph make_fx produces. The batch stays symbolic if the example's
+    N >= 2 and equals no other size in the graph (equal sizes share one symbol).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, decomposition_table=decompositions or {}, tracing_mode="symbolic",
+                   _allow_non_fake_inputs=True)(*example)
+
+
+def export(fn: Callable[..., tuple[Tensor, ...]], example: tuple[Tensor, ...],
+           max_batch: int = 4096) -> torch.export.ExportedProgram:
+    """`torch.export` of `fn` through `trace`, with a dynamic batch dimension on every input."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        graph_module = trace(fn, example)
+    return torch.export.export(graph_module, example, dynamic_shapes=tuple({0: batch} for _ in example))
