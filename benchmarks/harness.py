@@ -35,8 +35,8 @@ def images(n: int = BATCH) -> torch.Tensor:
 
 def run(benchmark, fn, n_images: int, **info) -> None:
     """Time `fn()` (one warm-up outside the timer) and record images/s in extra_info."""
-    benchmark.extra_info.update(info, batch=n_images, size=SIZE, threads=torch.get_num_threads(),
-                                device="cpu", torch=torch.__version__)
+    benchmark.extra_info.update({"batch": n_images, "size": SIZE, "threads": torch.get_num_threads(),
+                                 "device": "cpu", "torch": torch.__version__, **info})
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = n_images / benchmark.stats.stats.median
