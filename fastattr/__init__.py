@@ -7,14 +7,14 @@
 """
 
 from . import reference
-from .errors import CompileError, FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
+from .errors import CompileError, ExportError, FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
 from .explain import Explainer, Explanation, explain
-from .export import Program, export_program, load_program
+from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
 from .graph import default_layer, layers
 from .methods import METHODS
 
 __all__ = [
-    "Explainer", "Explanation", "explain", "export_program", "load_program", "Program", "layers", "default_layer", "METHODS", "reference",
-    "CompileError", "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
+    "Explainer", "Explanation", "explain", "export_program", "load_program", "Program", "export_onnx", "OnnxExplainer", "layers", "default_layer", "METHODS", "reference",
+    "CompileError", "ExportError", "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
 ]
 __version__ = "0.1.0"

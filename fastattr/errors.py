@@ -29,3 +29,7 @@ class MethodError(FastattrError, ValueError):
 
 class CompileError(FastattrError, ValueError):
     """A compile option that cannot apply to this model or device."""
+
+
+class ExportError(FastattrError, ValueError):
+    """A part of the attribution graph that cannot be exported, named with the op."""

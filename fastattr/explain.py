@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import graph, methods as _methods, postprocess, targets as _targets
-from .errors import FastattrError, InputError, MethodError
+from .errors import CompileError, FastattrError, InputError, MethodError
 from .graph import OutputSelector
 
 __all__ = ["Explanation", "Explainer", "explain"]
@@ -113,7 +113,7 @@ class Explainer:
         if compile:
             options = {} if compile is True else dict(compile)
             if not self.split.traced:
-                raise graph.CompileError(
+                raise CompileError(
                     f"compile: {type(model).__name__} runs on the eager hook path (torch.fx could not trace it), "
                     "which cannot be compiled; make the forward traceable or use compile=False")
             self._compiled = graph.compile(self._pure, device=self._param.device if self._param is not None else None,

@@ -9,6 +9,7 @@ returns the same `Explanation` as the torch path.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,11 +17,45 @@ import torch
 from torch import Tensor, nn
 
 from . import graph
-from .errors import InputError
+from .errors import ExportError, InputError
 from .explain import Explainer, Explanation
 
 FORMAT = "fastattr-program/1"
 _EXTRA = "fastattr.json"
+
+
+def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: Sequence[int],
+             with_classes: bool, options: dict):
+    """The attribution as a function of tensors returning (logits, classes, *maps), an example input, and
+    the metadata a loader needs."""
+    explainer = Explainer(model, layer, methods, **options)
+    param = next(model.parameters())
+    shape = tuple(int(s) for s in input_shape[-3:])
+    # The tracer gives equal sizes one symbol, so an example batch equal to K, a channel count or the image
+    # size would be specialised along with it (and N = 1 always is): take a batch size equal to none.
+    n = next(n for n in (5, 7, 11, 13, 17) if n not in (k, *shape))
+    example = torch.randn(n, *shape, dtype=param.dtype, device=param.device)
+    explainer._check_images(example)
+    num_classes = explainer._count_classes(example)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes:
+        raise InputError(f"k: must be an int in 1..{num_classes} for a model with {num_classes} outputs, got {k!r}")
+
+    if with_classes:
+        def attribution(images: Tensor, classes: Tensor):
+            logits, picked, maps, _ = explainer._pure(images, classes, k)
+            return (logits, picked, *maps)
+        example_args = (example, torch.zeros(n, k, dtype=torch.long, device=param.device))
+    else:
+        def attribution(images: Tensor):
+            logits, picked, maps, _ = explainer._pure(images, None, k)
+            return (logits, picked, *maps)
+        example_args = (example,)
+    meta = {"format": FORMAT, "methods": list(explainer.methods), "k": k, "layer": explainer.layer,
+            "input_shape": list(shape), "dtype": str(param.dtype).removeprefix("torch."),
+            "num_classes": num_classes, "with_classes": with_classes,
+            "inputs": ["images", "class_indices"] if with_classes else ["images"],
+            "outputs": ["logits", "classes", *explainer.methods]}
+    return attribution, example_args, meta
 
 
 def export_program(model: nn.Module, path: str | Path, *, layer: str | None = None,
@@ -36,43 +71,81 @@ def export_program(model: nn.Module, path: str | Path, *, layer: str | None = No
     >>> fastattr.export_program(model, "resnet50-gradcam.pt2", layer="layer4", k=5)   # doctest: +SKIP
     >>> program = fastattr.load_program("resnet50-gradcam.pt2"); out = program(images)  # doctest: +SKIP
     """
-    explainer = Explainer(model, layer, methods, **options)
-    param = next(model.parameters())
-    shape = tuple(int(s) for s in input_shape[-3:])
-    # The tracer gives equal sizes one symbol, so an example batch equal to K, a channel count or the image
-    # size would be specialised along with it (and N = 1 always is): take a batch size equal to none.
-    n = next(n for n in (5, 7, 11, 13, 17) if n not in (k, *shape))
-    example = torch.randn(n, *shape, dtype=param.dtype, device=param.device)
-    explainer._check_images(example)
-    num_classes = explainer._count_classes(example)
-    if not 1 <= k <= num_classes:
-        raise InputError(f"k: must be in 1..{num_classes} for a model with {num_classes} outputs, got {k}")
-
-    if with_classes:
-        def attribution(images: Tensor, classes: Tensor):
-            logits, picked, maps, _ = explainer._pure(images, classes, k)
-            return (logits, picked, *maps)
-        example_args = (example, torch.zeros(n, k, dtype=torch.long, device=param.device))
-    else:
-        def attribution(images: Tensor):
-            logits, picked, maps, _ = explainer._pure(images, None, k)
-            return (logits, picked, *maps)
-        example_args = (example,)
-
+    attribution, example_args, meta = _prepare(model, layer, methods, k, input_shape, with_classes, options)
     program = graph.export(attribution, example_args)
-    meta = json.dumps({"format": FORMAT, "methods": list(explainer.methods), "k": k, "layer": explainer.layer,
-                       "input_shape": list(shape), "dtype": str(param.dtype).removeprefix("torch."),
-                       "num_classes": num_classes, "with_classes": with_classes})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if aoti:
         from torch._inductor import aoti_compile_and_package
 
         aoti_compile_and_package(program, package_path=str(path),
-                                 inductor_configs={"aot_inductor.metadata": {"fastattr": meta}})
+                                 inductor_configs={"aot_inductor.metadata": {"fastattr": json.dumps(meta)}})
     else:
-        torch.export.save(program, path, extra_files={_EXTRA: meta})
+        torch.export.save(program, path, extra_files={_EXTRA: json.dumps(meta)})
     return path
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
+                methods: str | Sequence[str] = ("gradcam", "saliency"), k: int = 5,
+                input_shape: Sequence[int] = (3, 224, 224), with_classes: bool = False, opset: int = 18,
+                **options) -> Path:
+    """Write one ONNX model computing logits, the explained classes and the maps, for any batch size.
+
+    Inputs: `images [N, *input_shape]` (and `class_indices [N, k]` int64 with `with_classes=True`); outputs:
+    `logits`, `classes`, then one `[N, k, H, W]` map per method, named after it. The backward pass is
+    traced into ordinary forward operators (a convolution's input gradient becomes a ConvTranspose).
+    Weights are stored once; the exporter may write them beside the file as `<path>.data`: keep both.
+
+    >>> fastattr.export_onnx(model, "resnet18.onnx", layer="layer4", k=5)        # doctest: +SKIP
+    >>> out = fastattr.OnnxExplainer("resnet18.onnx")(images)                   # doctest: +SKIP
+    """
+    import onnx
+
+    attribution, example_args, meta = _prepare(model, layer, methods, k, input_shape, with_classes, options)
+    with torch.no_grad():
+        traced = graph.trace(attribution, example_args, graph.ONNX_DECOMPOSITIONS).eval()
+    try:
+        program = torch.onnx.export(traced, example_args, dynamo=True, opset_version=opset,
+                                    dynamic_shapes=graph.batch_dims(example_args), input_names=meta["inputs"],
+                                    output_names=meta["outputs"], verbose=False)
+    except Exception as exc:
+        missing = re.search(r"No ONNX function found for (?:<OpOverload\(op=')?([\w.:]+)", str(exc))
+        what = f"operator {missing.group(1)}" if missing else f"{type(exc).__name__}: {str(exc)[:500]}"
+        raise ExportError(f"export: {what} in the attribution graph of {type(model).__name__} (layer "
+                          f"{meta['layer']!r}, methods {meta['methods']}) has no ONNX translation") from exc
+    program.model.metadata_props["fastattr"] = json.dumps(meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def _check_inputs(meta: dict, images: Tensor, classes: Tensor | None) -> tuple[Tensor, ...]:
+    shape, k = tuple(meta["input_shape"]), meta["k"]
+    if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        got = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise InputError(f"images: this export takes [N, {', '.join(map(str, shape))}], got {got}; "
+                         "export again with input_shape= for another size")
+    if images.dtype != getattr(torch, meta["dtype"]):
+        raise InputError(f"images: this export takes torch.{meta['dtype']}, got {images.dtype}")
+    if not meta["with_classes"]:
+        if classes is not None:
+            raise InputError(f"classes: this export picks the top-{k} classes itself; export it with "
+                             "with_classes=True to pass classes")
+        return (images,)
+    if not isinstance(classes, Tensor) or tuple(classes.shape) != (images.shape[0], k) or classes.dtype.is_floating_point:
+        got = f"{list(classes.shape)} {classes.dtype}" if isinstance(classes, Tensor) else repr(classes)
+        raise InputError(f"classes: this export takes integer class indices [N, {k}], got {got}")
+    if bool(classes.min() < 0) or bool(classes.max() >= meta["num_classes"]):
+        raise InputError(f"classes: indices must be in 0..{meta['num_classes'] - 1}")
+    return images, classes.to(torch.long)
+
+
+def _checked(meta: dict, path: Path) -> dict:
+    if meta.get("format") != FORMAT:
+        raise InputError(f"path: {str(path)!r} holds format {meta.get('format')!r}, this fastattr reads {FORMAT!r}")
+    return meta
 
 
 class Program:
@@ -91,24 +164,7 @@ class Program:
         return f"Program({str(self.path)!r}, methods={self.methods}, k={self.k}, layer={self.meta['layer']!r})"
 
     def __call__(self, images: Tensor, classes: Tensor | None = None) -> Explanation:
-        shape = tuple(self.meta["input_shape"])
-        if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != shape:
-            got = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise InputError(f"images: this program takes [N, {', '.join(map(str, shape))}], got {got}; "
-                             "export again with input_shape= for another size")
-        if images.dtype != self.dtype:
-            raise InputError(f"images: this program takes {self.dtype}, got {images.dtype}")
-        args = (images,)
-        if self.meta["with_classes"]:
-            if not isinstance(classes, Tensor) or classes.shape != (images.shape[0], self.k):
-                raise InputError(f"classes: this program takes class indices [N, {self.k}] (int64), got "
-                                 f"{list(classes.shape) if isinstance(classes, Tensor) else classes!r}")
-            if classes.min() < 0 or classes.max() >= self.meta["num_classes"]:
-                raise InputError(f"classes: indices must be in 0..{self.meta['num_classes'] - 1}")
-            args = (images, classes.to(torch.long))
-        elif classes is not None:
-            raise InputError(f"classes: this program picks the top-{self.k} classes itself; export it with "
-                             "with_classes=True to pass classes")
+        args = _check_inputs(self.meta, images, classes)
         with torch.inference_mode():
             logits, picked, *maps = self._run(*args)
         return Explanation(logits, picked, dict(zip(self.methods, maps)), self.meta["layer"])
@@ -139,7 +195,43 @@ def load_program(path: str | Path) -> Program:
     return Program(package, _checked(json.loads(meta), path), path)
 
 
-def _checked(meta: dict, path: Path) -> dict:
-    if meta.get("format") != FORMAT:
-        raise InputError(f"path: {str(path)!r} holds format {meta.get('format')!r}, this fastattr reads {FORMAT!r}")
-    return meta
+class OnnxExplainer:
+    """An ONNX export run in onnxruntime, returning the same `Explanation` as the torch path.
+
+    Thread-safe: onnxruntime sessions take concurrent `run` calls.
+
+    >>> explainer = fastattr.OnnxExplainer("resnet18.onnx", providers=["CPUExecutionProvider"])  # doctest: +SKIP
+    >>> out = explainer(images)        # out.logits, out.classes, out.maps["gradcam"]              # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, **session_options):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"path: no file {str(self.path)!r}")
+        options = ort.SessionOptions()
+        for name, value in session_options.items():
+            setattr(options, name, value)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"path: {str(self.path)!r} is not an ONNX model onnxruntime can load "
+                             f"({type(exc).__name__}); write one with fastattr.export_onnx") from None
+        meta = self.session.get_modelmeta().custom_metadata_map.get("fastattr")
+        if not meta:
+            raise InputError(f"path: {str(self.path)!r} is an ONNX model but not a fastattr export; "
+                             "write one with fastattr.export_onnx")
+        self.meta = _checked(json.loads(meta), self.path)
+        self.methods: tuple[str, ...] = tuple(self.meta["methods"])
+        self.k: int = self.meta["k"]
+
+    def __repr__(self) -> str:
+        return f"OnnxExplainer({str(self.path)!r}, methods={self.methods}, k={self.k}, layer={self.meta['layer']!r})"
+
+    def __call__(self, images: Tensor, classes: Tensor | None = None) -> Explanation:
+        args = _check_inputs(self.meta, images, classes)
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.meta["inputs"], args)}
+        logits, picked, *maps = (torch.from_numpy(a) for a in self.session.run(self.meta["outputs"], feeds))
+        return Explanation(logits, picked, dict(zip(self.methods, maps)), self.meta["layer"])

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import vjp, vmap
 
-from .errors import CompileError, LayerError, ModelOutputError
+from .errors import CompileError, ExportError, LayerError, ModelOutputError
 
 KForm = Literal["loop", "vmap"]
 OutputSelector = Callable[[Any], Tensor] | str | int | None
@@ -140,7 +140,7 @@ class Split:
     model: nn.Module
     layer: str | None
     trunk: Callable[[Tensor], tuple[Tensor, ...]] | None  # x -> (acts, *carried); None when traced is False
-    head: Callable[..., Tensor]                           # (acts, *carried) -> logits
+    head: Callable[..., Any]  # traced: (acts, *carried) -> logits; else (x, input_grads) -> (logits, acts)
     traced: bool
 
 
@@ -406,10 +406,80 @@ def trace(fn: Callable[..., tuple[Tensor, ...]], example: tuple[Tensor, ...],
                    _allow_non_fake_inputs=True)(*example)
 
 
-def export(fn: Callable[..., tuple[Tensor, ...]], example: tuple[Tensor, ...],
-           max_batch: int = 4096) -> torch.export.ExportedProgram:
-    """`torch.export` of `fn` through `trace`, with a dynamic batch dimension on every input."""
+def batch_dims(example: tuple[Tensor, ...], max_batch: int = 4096) -> tuple[dict, ...]:
+    """`dynamic_shapes` for torch.export and torch.onnx.export: one symbolic batch shared by all inputs."""
     batch = torch.export.Dim("batch", min=1, max=max_batch)
+    return tuple({0: batch} for _ in example)
+
+
+def export(fn: Callable[..., tuple[Tensor, ...]], example: tuple[Tensor, ...]) -> torch.export.ExportedProgram:
+    """`torch.export` of `fn` through `trace`, with a dynamic batch dimension on every input."""
     with torch.no_grad():
         graph_module = trace(fn, example)
-    return torch.export.export(graph_module, example, dynamic_shapes=tuple({0: batch} for _ in example))
+    return torch.export.export(graph_module, example, dynamic_shapes=batch_dims(example))
+
+
+def _convolution_input_grad(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                            output_padding, groups, output_mask):
+    # ONNX has no convolution_backward; the input's gradient of a convolution is a transposed convolution
+    # of the output's gradient with the same weight. Parameter gradients never occur in fastattr's graphs.
+    if output_mask[1] or output_mask[2]:
+        raise ExportError("export: the graph asks for a convolution's weight or bias gradient, which fastattr "
+                          "never computes; a parameter of the model is a graph input")
+    if transposed or weight.ndim != 4:
+        raise ExportError(f"export: the gradient of a {'transposed ' if transposed else ''}{weight.ndim - 2}-D "
+                          "convolution has no ONNX translation in fastattr; only 2-D convolutions are supported")
+    extra = []
+    for i in range(2):
+        size = (grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1
+        extra.append(int(input.shape[2 + i] - size))
+    grad_input = torch.nn.functional.conv_transpose2d(grad_output, weight, None, stride, padding, extra, groups, dilation)
+    return grad_input, None, None
+
+
+def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """`[size_out, size_in]`: row i averages adaptive pooling's bin i, [floor(i*in/out), ceil((i+1)*in/out))."""
+    rows = torch.zeros(size_out, size_in, dtype=like.dtype)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+        rows[i, start:end] = 1.0 / (end - start)
+    return rows.to(like.device)
+
+
+def _adaptive_avg_pool2d_input_grad(grad_output: Tensor, input: Tensor) -> Tensor:
+    # Adaptive average pooling is Y = P_h X P_w^T for fixed averaging matrices, so dX = P_h^T dY P_w: two
+    # MatMuls, which ONNX has, for any ratio of sizes (VGG pools 2x2 up to 7x7 on small images).
+    p_h = _pooling_matrix(int(input.shape[-2]), int(grad_output.shape[-2]), grad_output)
+    p_w = _pooling_matrix(int(input.shape[-1]), int(grad_output.shape[-1]), grad_output)
+    return p_h.T @ grad_output @ p_w
+
+
+def _silu_input_grad(grad_output: Tensor, x: Tensor) -> Tensor:
+    sig = torch.sigmoid(x)
+    return grad_output * sig * (1 + x * (1 - sig))
+
+
+def _avg_pool2d_input_grad(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                           divisor_override):
+    # Each output averages a kernel_h x kernel_w window, so the input's gradient spreads each output
+    # gradient back over its window: a depthwise transposed convolution with a constant 1/area kernel.
+    kh, kw = kernel_size if len(kernel_size) == 2 else (kernel_size[0],) * 2
+    stride = tuple(stride) if len(stride) else (kh, kw)
+    stride = stride if len(stride) == 2 else (stride[0],) * 2
+    padding = tuple(padding) if len(padding) == 2 else (padding[0],) * 2
+    if ceil_mode or divisor_override is not None or (any(padding) and not count_include_pad):
+        raise ExportError("export: avg_pool2d with ceil_mode, divisor_override or padding not counted has no "
+                          "ONNX gradient in fastattr")
+    channels = input.shape[1]
+    kernel = torch.full((int(channels), 1, kh, kw), 1.0 / (kh * kw), dtype=grad_output.dtype, device=grad_output.device)
+    extra = [int(input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i]))
+             for i in range(2)]
+    return torch.nn.functional.conv_transpose2d(grad_output, kernel, None, stride, padding, extra, int(channels))
+
+
+ONNX_DECOMPOSITIONS = {
+    torch.ops.aten.silu_backward.default: _silu_input_grad,
+    torch.ops.aten.avg_pool2d_backward.default: _avg_pool2d_input_grad,
+    torch.ops.aten.convolution_backward.default: _convolution_input_grad,
+    torch.ops.aten._adaptive_avg_pool2d_backward.default: _adaptive_avg_pool2d_input_grad,
+}

@@ -1,7 +1,8 @@
 """Turn a pytest-benchmark JSON file into a markdown table of images/s, per group and case.
 
 Each case's figure is the median over its reps of the per-rep median throughput; ratios are to the
-group's floor (plain inference, or the bare forward-backward for saliency), to the retain-graph loop
+group's floor (eager plain inference, or the bare forward-backward for saliency), to plain inference on
+the case's own backend (`compiled-x` against `compiled-inference`), to the retain-graph loop
 (one forward, K autograd.grad calls) and to the article's code, where the group has them.
 
     .venv/bin/python scripts/bench_table.py benchmarks/results/cpu-core.json [--readme README.md]
@@ -19,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-FLOORS = ("inference", "forward-backward-to-input")
+FLOORS = ("inference", "eager-inference", "forward-backward-to-input")
 
 
 def table(data: dict) -> str:
@@ -36,8 +37,8 @@ def table(data: dict) -> str:
     lines = [f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, {machine.get('system', '')} "
              f"{machine.get('release', '')}; torch {next(iter(meta.values()), {}).get('torch', '?')}; "
              f"run {data.get('datetime', '?')[:16]}.", ""]
-    lines += ["| group | model | batch | case | images/s | x floor | x retain-graph loop | x article | reps |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| group | model | batch | case | images/s | x floor | x same backend's inference | x retain-graph loop "
+              "| x article | reps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for group, cases in per_case.items():
         median = {case: statistics.median(v) for case, v in cases.items()}
         floor = next((median[f] for f in FLOORS if f in median), None)
@@ -48,8 +49,10 @@ def table(data: dict) -> str:
             x_floor = f"{value / floor:.2f}" if floor else "-"
             x_article = f"{value / article:.1f}" if article else "-"
             x_loop = f"{value / loop:.2f}" if loop else "-"
+            backend = median.get(case.split("-")[0] + "-inference") if "-" in case else None
+            x_backend = f"{value / backend:.2f}" if backend else "-"
             lines.append(f"| {group} | {info['model']} {info['size']}px | {info['batch']} | {case} | {value:.2f} | "
-                         f"{x_floor} | {x_loop} | {x_article} | {len(cases[case])} |")
+                         f"{x_floor} | {x_backend} | {x_loop} | {x_article} | {len(cases[case])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -151,9 +151,9 @@ def test_an_aoti_package_equals_eager(tmp_path):
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda p: p(torch.zeros(2, 3, 32, 32)), r"this program takes \[N, 3, 64, 64\], got \[2, 3, 32, 32\]"),
+    (lambda p: p(torch.zeros(2, 3, 32, 32)), r"this export takes \[N, 3, 64, 64\], got \[2, 3, 32, 32\]"),
     (lambda p: p(torch.zeros(2, 3, 64, 64, dtype=torch.float64)), r"takes torch.float32, got torch.float64"),
-    (lambda p: p(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, dtype=torch.long)), r"picks the top-3 classes itself"),
+    (lambda p: p(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, dtype=torch.long)), r"this export picks the top-3 classes itself"),
 ])
 def test_a_program_refuses_inputs_it_was_not_exported_for(program_path, call, message):
     with pytest.raises(fastattr.InputError, match=message):

@@ -1,0 +1,143 @@
+"""One ONNX file computes logits, classes and maps; onnxruntime's output equals the torch path.
+
+Tolerance (float32, measured here): logits within 1e-4; maps by the measure of test_compile (Pearson
+correlation >= 0.999 per map, max abs <= 0.1 of the normalised maps), since saliency's ReLU masks flip
+with summation order; Grad-CAM typically agrees to ~1e-5. Classes must be equal.
+"""
+
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import fastattr
+from models import ARCHS, images, model
+from test_compile import assert_same_explanation
+
+# densenet121 passes but takes 391 s here (make_fx alone 70 s), too slow for CI; convnext_tiny fails on
+# prims.as_strided_scatter. Both are open in the ONNX issue.
+ONNX_ARCHS = ["resnet18", "vgg11_bn", "mobilenet_v3_small", "efficientnet_b0"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = {}
+
+    def get(name):
+        if name not in paths:
+            paths[name] = fastattr.export_onnx(model(name), folder / f"{name}.onnx", layer=ARCHS[name][1],
+                                               methods=("gradcam", "saliency"), k=3, input_shape=(3, 64, 64))
+        return paths[name]
+    return get
+
+
+@pytest.mark.parametrize("name", ONNX_ARCHS)
+def test_onnxruntime_equals_the_torch_path_for_batch_1_and_3_from_one_file(exports, name):
+    explainer = fastattr.OnnxExplainer(exports(name))
+    eager = fastattr.Explainer(model(name), layer=ARCHS[name][1], methods=("gradcam", "saliency"))
+    for n in (1, 3):
+        x = images(n, seed=20 + n)
+        assert_same_explanation(explainer(x), eager(x, k=3))
+
+
+def test_the_exported_file_passes_the_full_onnx_check_with_a_dynamic_batch(exports):
+    path = exports("resnet18")
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["images"]
+    assert [o.name for o in graph.output] == ["logits", "classes", "gradcam", "saliency"]
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value
+    assert not any(n.op_type.endswith("Backward") for n in graph.node)
+
+
+def test_weights_are_stored_once(exports):
+    path = exports("resnet18")
+    weights = sum(p.numel() for p in model("resnet18").parameters()) * 4
+    size = path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
+    assert weights <= size < 1.3 * weights
+
+
+def test_explicit_classes_as_a_second_input(tmp_path):
+    path = fastattr.export_onnx(model("resnet18"), tmp_path / "classes.onnx", layer="layer4", methods=("gradcam",),
+                                k=2, input_shape=(3, 64, 64), with_classes=True)
+    x, classes = images(3), torch.tensor([[1, 2], [999, 0], [5, 5]])
+    want = fastattr.Explainer(model("resnet18"), layer="layer4")(x, classes=classes)
+    assert_same_explanation(fastattr.OnnxExplainer(path)(x, classes), want)
+
+
+def test_concurrent_runs_equal_sequential_runs(exports):
+    import threading
+
+    explainer = fastattr.OnnxExplainer(exports("resnet18"))
+    inputs = [images(2, seed=40 + i) for i in range(6)]
+    want = [explainer(x) for x in inputs]
+    got = [None] * 6
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, explainer(inputs[i]))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want):
+        assert torch.equal(g.classes, w.classes) and torch.equal(g.maps["gradcam"], w.maps["gradcam"])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda e: e(torch.zeros(2, 3, 32, 32)), r"this export takes \[N, 3, 64, 64\], got \[2, 3, 32, 32\]"),
+    (lambda e: e(torch.zeros(2, 3, 64, 64, dtype=torch.float64)), r"takes torch.float32, got torch.float64"),
+    (lambda e: e(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, dtype=torch.long)), r"picks the top-3 classes itself"),
+])
+def test_wrong_inputs_are_refused_with_the_expected_shape(exports, call, message):
+    with pytest.raises(fastattr.InputError, match=message):
+        call(fastattr.OnnxExplainer(exports("resnet18")))
+
+
+def test_a_file_that_is_not_a_fastattr_export_is_refused(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(fastattr.InputError, match=r"is not an ONNX model onnxruntime can load"):
+        fastattr.OnnxExplainer(tmp_path / "junk.onnx")
+    torch.onnx.export(nn.Linear(2, 2), (torch.zeros(1, 2),), str(tmp_path / "plain.onnx"), dynamo=True)
+    with pytest.raises(fastattr.InputError, match=r"an ONNX model but not a fastattr export"):
+        fastattr.OnnxExplainer(tmp_path / "plain.onnx")
+
+
+def test_an_op_without_onnx_translation_is_named(tmp_path):
+    class Conv1d(nn.Module):  # a 1-D convolution below the layer: its input gradient has no translation here
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.line = nn.Conv1d(4, 4, 3)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.fc(self.line(self.conv(x).flatten(2)).mean(-1))
+
+    with pytest.raises(fastattr.ExportError, match=r"gradient of a 1-D convolution has no ONNX translation"):
+        fastattr.export_onnx(Conv1d().eval(), tmp_path / "x.onnx", layer="line", methods=("gradcam", "saliency"),
+                             k=2, input_shape=(3, 16, 16))
+
+
+def test_the_command_line_exports_a_torchvision_model_with_a_weights_file(tmp_path):
+    net = torch.nn.Module()
+    weights = tmp_path / "resnet18.pt"
+    torch.save(model("resnet18").state_dict(), weights)
+    done = subprocess.run([sys.executable, "-m", "fastattr", "export", "--model", "resnet18", "--weights", str(weights),
+                           "--layer", "layer4", "--methods", "gradcam,saliency", "--k", "2", "--input-size", "64",
+                           "-o", str(tmp_path / "cli.onnx")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cli.onnx" in done.stdout
+    x = images(2)
+    want = fastattr.Explainer(model("resnet18"), layer="layer4", methods=("gradcam", "saliency"))(x, k=2)
+    assert_same_explanation(fastattr.OnnxExplainer(tmp_path / "cli.onnx")(x), want)
+    del net
+
+
+def test_the_command_line_names_an_unknown_model(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fastattr", "export", "--model", "resnet19", "-o",
+                           str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown torchvision model 'resnet19'; closest: 'resnet18'" in done.stderr
