@@ -251,8 +251,10 @@ def _per_class(backward: Callable[[Tensor, bool], tuple[Tensor, ...]], cotangent
     return tuple(g.movedim(0, 1) for g in grads)
 
 
-def _pick(logits: Tensor, classes: Tensor | None, k: int) -> Tensor:
-    return logits.topk(k, dim=1).indices if classes is None else classes
+def _targets(logits: Tensor, classes: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """The classes to explain (`[N, K]`, the top-k unless given) and their one-hot cotangents."""
+    classes = logits.topk(k, dim=1).indices if classes is None else classes
+    return classes, one_hot(classes, logits.shape[1], logits.dtype)
 
 
 def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *,
@@ -269,8 +271,7 @@ def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *,
             return _through_trunk(s, x, classes, k, k_form)
         acts, *carried = s.trunk(x)
         logits, head_vjp = vjp(lambda a: s.head(a, *carried), acts)
-        classes = _pick(logits, classes, k)
-        cotangents = one_hot(classes, logits.shape[1], logits.dtype)
+        classes, cotangents = _targets(logits, classes, k)
         (acts_grads,) = _per_class(lambda ct, retain: head_vjp(ct, retain_graph=retain), cotangents, k_form)
         if input_grads:  # split at the input: the layer is the input
             return Passes(logits, classes, acts, acts_grads, acts_grads)
@@ -310,8 +311,7 @@ def _through_trunk(s: Split, x: Tensor, classes: Tensor | None, k: int, k_form: 
         (input_grad,) = trunk_vjp((acts_grad, tuple(carried_grads)), retain_graph=retain)
         return acts_grad, input_grad
 
-    classes = _pick(logits, classes, k)
-    cotangents = one_hot(classes, logits.shape[1], logits.dtype)
+    classes, cotangents = _targets(logits, classes, k)
     acts_grads, input_grads = _per_class(backward, cotangents, k_form)
     return Passes(logits, classes, acts, acts_grads, input_grads)
 
@@ -348,8 +348,7 @@ def _hooked_forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(input_grads)
         logits, acts = s.head(x_in, input_grads)
-    classes = _pick(logits.detach(), classes, k)
-    cotangents = one_hot(classes, logits.shape[1], logits.dtype)
+    classes, cotangents = _targets(logits.detach(), classes, k)
     wrt = (acts, x_in) if input_grads else (acts,)
     per_k = [torch.autograd.grad(logits, wrt, ct, retain_graph=i < len(cotangents) - 1)
              for i, ct in enumerate(cotangents)]
