@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 import torchvision
@@ -40,3 +41,43 @@ def run(benchmark, fn, n_images: int, **info) -> None:
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = n_images / benchmark.stats.stats.median
+
+
+COMPILE_BACKEND = "inductor" if FULL else "eager"  # smoke mode: the same fullgraph capture, no inductor wait
+
+
+@functools.cache
+def compiled_model(name: str) -> torch.nn.Module:
+    return torch.compile(model(name), fullgraph=True, backend=COMPILE_BACKEND)
+
+
+@functools.cache
+def explainer(name: str, method: str, compiled: bool):
+    import fastattr
+
+    return fastattr.Explainer(model(name), layer="layer4" if method == "gradcam" else None, methods=(method,),
+                              compile={"backend": COMPILE_BACKEND} if compiled else False)
+
+
+def torch_case(name: str, backend: str, what: str, x: torch.Tensor):
+    """The callable for `what` ("inference", "gradcam" top-5 at layer4, "saliency" top-1) on torch
+    `backend` ("eager" or "compiled")."""
+    if what == "inference":
+        net = compiled_model(name) if backend == "compiled" else model(name)
+
+        def infer():
+            with torch.inference_mode():
+                return net(x)
+        return infer
+    e = explainer(name, what, backend == "compiled")
+    k = 5 if what == "gradcam" else None
+    return lambda: e(x, k=k)
+
+
+def first_call(benchmark, fn, rep: int, **extra) -> object:
+    """Call `fn` once outside the timer (it compiles, for a compiled case) and record how long it took."""
+    start = time.perf_counter()
+    out = fn()
+    if rep == 0:
+        benchmark.extra_info.update(first_call_s=time.perf_counter() - start, **extra)
+    return out

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 import fastattr
-from harness import FULL, SIZE, images, model, run
+from harness import FULL, SIZE, first_call, images, model, run, torch_case
 
 MODELS = ("resnet18", "resnet50") if FULL else ("resnet18",)
 BATCHES = (1, 16) if FULL else (2,)
-BACKEND = "inductor" if FULL else "eager"
 FOLDER = Path(tempfile.gettempdir()) / "fastattr-bench-onnx"
 CASES = [f"{backend}-{what}" for what in ("inference", "gradcam-top5", "saliency")
          for backend in ("eager", "compiled", "onnxruntime")]
@@ -44,48 +43,23 @@ def onnx_session(name: str, what: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@functools.cache
-def compiled_model(name: str):
-    return torch.compile(model(name), fullgraph=True, backend=BACKEND)
-
-
-@functools.cache
-def explainer(name: str, what: str, compiled: bool) -> fastattr.Explainer:
-    return fastattr.Explainer(model(name), layer="layer4" if what == "gradcam" else None, methods=(what,),
-                              compile={"backend": BACKEND} if compiled else False)
-
-
 def target(name: str, case: str, x: torch.Tensor):
     backend, what = case.split("-", 1)
     what = what.removesuffix("-top5")
-    k = 5 if what == "gradcam" else None
     if backend == "onnxruntime":
         session, feed = onnx_session(name, what), {"images": x.numpy()}
         return lambda: session.run(None, feed)
-    if what == "inference":
-        net = compiled_model(name) if backend == "compiled" else model(name)
-
-        def infer():
-            with torch.inference_mode():
-                return net(x)
-        return infer
-    e = explainer(name, what, backend == "compiled")
-    return lambda: e(x, k=k)
+    return torch_case(name, backend, what, x)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("case", CASES)
 def test_backends(benchmark, rep, name, batch, case):
-    x = images(batch)
-    fn = target(name, case, x)
-    start = time.perf_counter()
-    out = fn()
-    if rep == 0:
-        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
-        what = case.split("-", 1)[1].removesuffix("-top5")
-        if case.startswith("onnxruntime"):
-            benchmark.extra_info["export_s"] = EXPORT_SECONDS.get((name, what))
+    fn = target(name, case, images(batch))
+    what = case.split("-", 1)[1].removesuffix("-top5")
+    export = {"export_s": EXPORT_SECONDS.get((name, what))} if case.startswith("onnxruntime") else {}
+    out = first_call(benchmark, fn, rep, **export)
     logits = out[0] if isinstance(out, list) else getattr(out, "logits", out)
     assert np.isfinite(np.asarray(logits)).all()
     run(benchmark, fn, batch, group=f"backends, {name} batch {batch}", model=name, case=case, size=SIZE)
