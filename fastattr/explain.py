@@ -100,6 +100,7 @@ class Explainer:
         self.split = graph.split(model, self.layer, output)
         self._whole = graph.split(model, None, output).head
         self.upsample, self.normalize, self.keep_grads = upsample, normalize, keep_grads
+        self._grad_names = [n for n, on in (("layer", self.layer is not None), ("input", self.wants_input)) if on]
         self.k_form: graph.KForm = "loop" if k_form == "auto" else k_form
         self._stem = _first(model, nn.modules.conv._ConvNd)
         self._param = next(model.parameters(), None)
@@ -140,9 +141,8 @@ class Explainer:
             logits, classes, maps, grads = self._pure(images, classes, k)
         else:
             logits, classes, maps, grads = self._run_compiled(images, classes, k)
-        grad_names = [n for n, on in (("layer", self.layer is not None), ("input", self.wants_input)) if on]
         return Explanation(logits, classes, dict(zip(self.methods, maps)), self.layer,
-                           dict(zip(grad_names, grads)) if self.keep_grads else {})
+                           dict(zip(self._grad_names, grads)))
 
     def warmup(self, images: Tensor, classes: _targets.Classes = None, k: int | None = None) -> float:
         """Run once on `images` (compiling, when compiled, for that signature) and return the seconds it took.
@@ -182,13 +182,9 @@ class Explainer:
             if self.upsample:
                 raw = postprocess.upsample(raw, images.shape[-2:])
             maps.append(method.normalize(raw) if self.normalize else raw)
-        grads = []
-        if self.keep_grads:
-            if self.layer is not None:
-                grads.append(acts_grads)
-            if self.wants_input:
-                grads.append(input_grads)
-        return p.logits.to(images.dtype), p.classes, tuple(maps), tuple(grads)
+        raw_grads = {"layer": acts_grads, "input": input_grads}
+        grads = tuple(raw_grads[name] for name in self._grad_names) if self.keep_grads else ()
+        return p.logits.to(images.dtype), p.classes, tuple(maps), grads
 
     def _check_images(self, images: Tensor) -> None:
         if not isinstance(images, Tensor):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import graph
+from . import graph, targets
 from .errors import ExportError, InputError
 from .explain import Explainer, Explanation
 
@@ -37,8 +37,7 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     example = torch.randn(n, *shape, dtype=param.dtype, device=param.device)
     explainer._check_images(example)
     num_classes = explainer._count_classes(example)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes:
-        raise InputError(f"k: must be an int in 1..{num_classes} for a model with {num_classes} outputs, got {k!r}")
+    targets.resolve(None, k, n, num_classes, example.device)  # checks k as every entry point does
 
     if with_classes:
         def attribution(images: Tensor, classes: Tensor):

@@ -428,12 +428,21 @@ def _convolution_input_grad(grad_output, input, weight, bias_sizes, stride, padd
     if transposed or weight.ndim != 4:
         raise ExportError(f"export: the gradient of a {'transposed ' if transposed else ''}{weight.ndim - 2}-D "
                           "convolution has no ONNX translation in fastattr; only 2-D convolutions are supported")
-    extra = []
-    for i in range(2):
-        size = (grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1
-        extra.append(int(input.shape[2 + i] - size))
+    extra = _output_padding(input, grad_output, weight.shape[2:], stride, padding, dilation)
     grad_input = torch.nn.functional.conv_transpose2d(grad_output, weight, None, stride, padding, extra, groups, dilation)
     return grad_input, None, None
+
+
+def _output_padding(input: Tensor, grad_output: Tensor, kernel, stride, padding, dilation=(1, 1)) -> list[int]:
+    """ConvTranspose's output_padding that restores `input`'s height and width from `grad_output`'s: the
+    rows and columns a strided window left over."""
+    return [int(input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                      + dilation[i] * (kernel[i] - 1) + 1)) for i in range(2)]
+
+
+def _pair(value, default=None) -> tuple[int, int]:
+    value = tuple(value) if len(value) else default
+    return value if len(value) == 2 else (value[0], value[0])
 
 
 def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
@@ -462,18 +471,15 @@ def _avg_pool2d_input_grad(grad_output, input, kernel_size, stride, padding, cei
                            divisor_override):
     # Each output averages a kernel_h x kernel_w window, so the input's gradient spreads each output
     # gradient back over its window: a depthwise transposed convolution with a constant 1/area kernel.
-    kh, kw = kernel_size if len(kernel_size) == 2 else (kernel_size[0],) * 2
-    stride = tuple(stride) if len(stride) else (kh, kw)
-    stride = stride if len(stride) == 2 else (stride[0],) * 2
-    padding = tuple(padding) if len(padding) == 2 else (padding[0],) * 2
+    kernel_size = _pair(kernel_size)
+    stride, padding = _pair(stride, kernel_size), _pair(padding)
     if ceil_mode or divisor_override is not None or (any(padding) and not count_include_pad):
         raise ExportError("export: avg_pool2d with ceil_mode, divisor_override or padding not counted has no "
                           "ONNX gradient in fastattr")
-    channels = input.shape[1]
-    kernel = torch.full((int(channels), 1, kh, kw), 1.0 / (kh * kw), dtype=grad_output.dtype, device=grad_output.device)
-    extra = [int(input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i]))
-             for i in range(2)]
-    return torch.nn.functional.conv_transpose2d(grad_output, kernel, None, stride, padding, extra, int(channels))
+    channels, (kh, kw) = int(input.shape[1]), kernel_size
+    kernel = torch.full((channels, 1, kh, kw), 1.0 / (kh * kw), dtype=grad_output.dtype, device=grad_output.device)
+    extra = _output_padding(input, grad_output, kernel_size, stride, padding)
+    return torch.nn.functional.conv_transpose2d(grad_output, kernel, None, stride, padding, extra, channels)
 
 
 ONNX_DECOMPOSITIONS = {

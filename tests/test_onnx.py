@@ -141,3 +141,26 @@ def test_the_command_line_names_an_unknown_model(tmp_path):
                            str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "unknown torchvision model 'resnet19'; closest: 'resnet18'" in done.stderr
+
+
+def test_average_pooling_and_silu_gradients_export_for_odd_sizes(tmp_path):
+    # densenet121 (the architecture with average pooling) is too slow for CI, so a tiny net covers the
+    # avg_pool2d and silu gradients; 17x17 leaves a row and a column over at each stride-2 step.
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2)
+            self.pool = nn.AvgPool2d(2)
+            self.act = nn.SiLU()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.fc(self.act(self.pool(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Pooled().eval()
+    path = fastattr.export_onnx(net, tmp_path / "pooled.onnx", layer="conv", methods=("gradcam", "saliency"), k=2,
+                                input_shape=(3, 17, 17))
+    x = torch.randn(3, 3, 17, 17, generator=torch.Generator().manual_seed(3))
+    want = fastattr.Explainer(net, layer="conv", methods=("gradcam", "saliency"))(x, k=2)
+    assert_same_explanation(fastattr.OnnxExplainer(path)(x), want)
