@@ -241,8 +241,8 @@ def explain(model: nn.Module, images: Tensor, layer: str | None = None, methods:
             classes: _targets.Classes = None, k: int | None = None, **options) -> Explanation:
     """Logits, explained classes and maps for `images` in one call; `options` as for `Explainer`.
 
-    Each call builds an `Explainer` (an FX trace and a shape pass: about 0.3 s for resnet50 on a 2-core
-    CPU); for repeated calls, build one `Explainer` and call it.
+    Each call builds an `Explainer` (an FX trace and a shape pass); for repeated calls, build one
+    `Explainer` and call it.
 
     >>> out = fastattr.explain(model.eval(), images, layer="layer4", methods=("gradcam", "saliency"), k=5)
     >>> out.logits.shape, out.classes.shape, out.maps["gradcam"].shape   # [N, 1000], [N, 5], [N, 5, H, W]
