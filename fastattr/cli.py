@@ -1,13 +1,16 @@
 """The `fastattr` command line.
 
+    fastattr explain IMAGE_OR_FOLDER... [--model NAME] [--weights FILE] [--layer L] [--methods gradcam,saliency]
+        [--k 3] [--batch-size B] [--device cpu|cuda] [--compile] [--onnx FILE] -o OUTDIR
+    fastattr layers MODEL
     fastattr export --model resnet18 [--weights FILE] --layer layer4 --methods gradcam,saliency --k 5 \\
         [--input-size 224] [--with-classes] [--format onnx|pt2|aoti] -o model.onnx
+    fastattr bench --model resnet50 --methods gradcam --k 5 --batch-sizes 1,16 --backend eager|compiled|onnx|inference
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from pathlib import Path
 
@@ -15,23 +18,14 @@ import torch
 
 
 def load_model(name: str, weights: Path | None) -> torch.nn.Module:
-    """A torchvision model by name, with random weights or those of a state-dict file (`weights_only`)."""
-    import torchvision
+    """`fastattr.zoo.load_model`, with its errors as command-line errors (exit status 2)."""
+    from . import zoo
+    from .errors import FastattrError
 
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
-        raise SystemExit(_usage_error(f"unknown torchvision model {name!r}{hint}"))
-    model = torchvision.models.get_model(name, weights=None)
-    if weights is not None:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except Exception as exc:  # noqa: BLE001
-            raise SystemExit(_usage_error(f"--weights {str(weights)!r}: cannot load it into {name} "
-                                          f"({type(exc).__name__}: {str(exc)[:300]})")) from None
-    return model.eval()
+    try:
+        return zoo.load_model(name, weights)
+    except FastattrError as exc:
+        raise SystemExit(_usage_error(str(exc))) from None
 
 
 def _usage_error(message: str) -> int:
@@ -59,9 +53,86 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explainer(args: argparse.Namespace):
+    """(explain_batch, input size, class count) for `explain`: an onnxruntime session or a torch Explainer."""
+    import fastattr
+    from . import zoo
+
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if args.onnx is not None:
+        onnx = fastattr.OnnxExplainer(args.onnx)
+        if args.k is not None and args.k != onnx.k:
+            raise fastattr.InputError(f"--k {args.k}: {args.onnx} was exported for k={onnx.k}; drop --k or export "
+                                      "again with --k")
+        return onnx, onnx.meta["input_shape"][-1], onnx.meta["num_classes"]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise fastattr.InputError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    model = load_model(args.model, args.weights).to(args.device)
+    layer = args.layer or zoo.default_layer(args.model, model)
+    explainer = fastattr.Explainer(model, layer=layer, methods=methods, compile=args.compile)
+    k = 3 if args.k is None else args.k
+    return (lambda images: explainer(images, k=k)), args.input_size, None
+
+
+def explain(args: argparse.Namespace) -> int:
+    from . import files, zoo
+    from .errors import FastattrError
+
+    try:
+        explain_batch, size, num_classes = _explainer(args)
+        names = zoo.imagenet_classes() if num_classes in (None, 1000) else None
+        report = files.explain_files(args.paths, explain_batch, args.output, size=size, batch_size=args.batch_size,
+                                     class_names=names, device=args.device, progress=not args.no_progress)
+    except FastattrError as exc:
+        return _usage_error(str(exc))
+    print(f"wrote {len(report.written)} images and {report.results} to {args.output}")
+    if report.passed_over:
+        print(f"passed over {len(report.passed_over)} files without an image suffix in the folders given: "
+              f"{', '.join(map(str, report.passed_over[:5]))}{' ...' if len(report.passed_over) > 5 else ''}")
+    if report.failed:
+        print(f"skipped {len(report.failed)} files that are not readable images:", file=sys.stderr)
+        for path, reason in report.failed:
+            print(f"  {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def list_layers(args: argparse.Namespace) -> int:
+    import fastattr
+    from . import zoo
+
+    model = load_model(args.model, None)
+    default = zoo.default_layer(args.model, model)
+    names = fastattr.layers(model)
+    for name in names if default in names else [*names, default]:
+        print(f"{name}  (default)" if name == default else name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastattr", description="Explain PyTorch vision models fast.")
     commands = parser.add_subparsers(dest="command", required=True)
+    from . import zoo
+
+    xp = commands.add_parser("explain", help="explain image files: overlay PNGs and results.jsonl")
+    xp.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched recursively")
+    xp.add_argument("--model", default=zoo.PRETRAINED,
+                    help=f"{zoo.PRETRAINED} (pretrained, the default) or a torchvision model name")
+    xp.add_argument("--weights", type=Path, help="a state-dict file for a torchvision model (else random weights)")
+    xp.add_argument("--layer", help="target layer by module path (default: the model's last feature map)")
+    xp.add_argument("--methods", default="gradcam,saliency", help="comma-separated method names")
+    xp.add_argument("--k", type=int, help="classes explained per image, the top-k (default 3)")
+    xp.add_argument("--batch-size", type=int, default=8)
+    xp.add_argument("--input-size", type=int, default=224, help="images are resized and centre-cropped to this")
+    xp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    xp.add_argument("--compile", action="store_true", help="torch.compile the attribution (slow first batch)")
+    xp.add_argument("--onnx", type=Path, help="run a `fastattr export` ONNX file in onnxruntime instead of torch")
+    xp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    xp.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNGs and results.jsonl")
+    xp.set_defaults(run=explain)
+    ly = commands.add_parser("layers", help="list a model's candidate target layers")
+    ly.add_argument("model", help=f"{zoo.PRETRAINED} or a torchvision model name")
+    ly.set_defaults(run=list_layers)
     ex = commands.add_parser("export", help="write the attribution graph as ONNX or a torch.export program")
     ex.add_argument("--model", required=True, help="a torchvision model name, e.g. resnet50")
     ex.add_argument("--weights", type=Path, help="a state-dict file for the model (default: random weights)")

@@ -1,0 +1,98 @@
+"""Explain image files in batches: one overlay grid PNG per image and one JSON line per image.
+
+>>> explainer = fastattr.Explainer(fastattr.zoo.efficientnet_lite0(), layer="bn2", methods=("gradcam", "saliency"))
+>>> report = fastattr.files.explain_files(["examples"], lambda x: explainer(x, k=3), "out")  # doctest: +SKIP
+>>> report.written, report.failed        # PNG paths; (file, reason) for files that are not images
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import images as _images, overlay
+from .errors import InputError
+from .explain import Explanation
+
+__all__ = ["Report", "explain_files", "map_statistics"]
+
+
+@dataclass
+class Report:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    passed_over: list[Path] = field(default_factory=list)
+    results: Path | None = None
+
+
+def map_statistics(maps: Tensor) -> list[dict]:
+    """Per map `[K, H, W]` in [0, 1]: the peak's pixel `[y, x]`, the mean, and the share of pixels above 0.5."""
+    flat = maps.flatten(1).float()
+    peaks = flat.argmax(1)
+    width = maps.shape[-1]
+    return [{"peak": [int(p) // width, int(p) % width], "mean": round(float(m), 4), "above_half": round(float(a), 4)}
+            for p, m, a in zip(peaks, flat.mean(1), (flat > 0.5).float().mean(1))]
+
+
+def _unique_png(out_dir: Path, path: Path, taken: set[str]) -> Path:
+    # Two folders may both hold "cat.jpg": keep every output, numbering the later ones.
+    name, n = path.stem, 1
+    while name in taken:
+        n += 1
+        name = f"{path.stem}-{n}"
+    taken.add(name)
+    return out_dir / f"{name}.png"
+
+
+def explain_files(paths: Iterable[str | Path], explain_batch: Callable[[Tensor], Explanation], out_dir: str | Path, *,
+                  size: int = 224, batch_size: int = 8, class_names: Sequence[str] | None = None,
+                  device: str | torch.device = "cpu", mean: Sequence[float] = _images.IMAGENET_MEAN,
+                  std: Sequence[float] = _images.IMAGENET_STD, progress: bool = True) -> Report:
+    """Read the images under `paths`, explain them `batch_size` at a time with `explain_batch` (normalised
+    images `[B, 3, size, size]` on `device` -> Explanation with normalised maps), and write `out_dir/NAME.png`
+    (the photo, then each explained class's overlays) and `out_dir/results.jsonl`. Files that are not
+    readable images are skipped and listed in `Report.failed`; the others are still explained. Files in folders
+    without an image suffix are not read (`Report.passed_over`)."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(results=out_dir / "results.jsonl")
+    files, report.passed_over = _images.find(paths)
+    taken: set[str] = set()
+    with report.results.open("w") as results, tqdm(total=len(files), unit="image", disable=not progress) as bar:
+        for start in range(0, len(files), batch_size):
+            batch: list[tuple[Path, Tensor]] = []
+            for path in files[start:start + batch_size]:
+                try:
+                    batch.append((path, _images.read(path, size)))
+                except InputError as exc:
+                    report.failed.append((path, str(exc)))
+                    bar.write(f"skipped {exc}")
+            if batch:
+                display = torch.stack([image for _, image in batch]).to(device)
+                out = explain_batch(_images.normalize(display, mean, std))
+                for i, (path, _) in enumerate(batch):
+                    png = _unique_png(out_dir, path, taken)
+                    line = _describe(path, png, out, i, class_names)
+                    captions = [f"{name}  p={p:.2f}" for name, p in zip(line["names"], line["probabilities"])]
+                    maps = {method: m[i].clamp(0, 1) for method, m in out.maps.items()}
+                    overlay.grid(display[i], maps, captions, title=path.name).save(png)
+                    results.write(json.dumps(line) + "\n")
+                    report.written.append(png)
+            bar.update(len(files[start:start + batch_size]))
+    return report
+
+
+def _describe(path: Path, png: Path, out: Explanation, i: int, class_names: Sequence[str] | None) -> dict:
+    classes = out.classes[i].tolist()
+    probabilities = out.logits[i].float().softmax(-1)[out.classes[i]].tolist()
+    names = [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in classes]
+    return {"file": str(path), "image": png.name, "classes": classes, "names": names,
+            "probabilities": [round(p, 4) for p in probabilities],
+            "maps": {method: map_statistics(m[i]) for method, m in out.maps.items()}}
