@@ -56,3 +56,34 @@ def article_saliency(model: nn.Module, x: Tensor, k: int) -> list:
     with torch.inference_mode():
         top = model(x).topk(k, 1).indices
     return [reference.compute_saliency_map(model, x[n:n + 1], int(c)) for n in range(x.shape[0]) for c in top[n]]
+
+
+# --- the libraries a user would pick instead, used as their documentation shows, K classes as K calls ---
+
+def top_classes(model: nn.Module, x: Tensor, k: int) -> Tensor:
+    with torch.no_grad():  # not inference_mode: the peers' autograd would refuse the indices later
+        return model(x).topk(k, 1).indices
+
+
+def captum_layer_gradcam(model: nn.Module, layer: nn.Module, x: Tensor, k: int) -> list[Tensor]:
+    """captum's LayerGradCam for each of the top-k classes, upsampled to the input as its docs show."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    explainer, classes = LayerGradCam(model, layer), top_classes(model, x, k)
+    return [LayerAttribution.interpolate(explainer.attribute(x, target=classes[:, j], relu_attributions=True),
+                                         tuple(x.shape[-2:]), "bilinear") for j in range(k)]
+
+
+def captum_saliency(model: nn.Module, x: Tensor, k: int) -> list[Tensor]:
+    from captum.attr import Saliency
+
+    explainer, classes = Saliency(model), top_classes(model, x, k)
+    return [explainer.attribute(x, target=classes[:, j]) for j in range(k)]
+
+
+def grad_cam_package(cam, model: nn.Module, x: Tensor, k: int) -> list:
+    """pytorch-grad-cam's GradCAM (`cam`, built once by the caller) for each of the top-k classes."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    classes = top_classes(model, x, k)
+    return [cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes[:, j]]) for j in range(k)]
