@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     ly = commands.add_parser("layers", help="list a model's candidate target layers")
     ly.add_argument("model", help=f"{zoo.PRETRAINED} or a torchvision model name")
     ly.set_defaults(run=list_layers)
+    from . import bench
+
+    be = commands.add_parser("bench", help="latency and throughput of explaining (or plain inference) here")
+    bench.add_arguments(be)
+    be.set_defaults(run=bench.run)
     ex = commands.add_parser("export", help="write the attribution graph as ONNX or a torch.export program")
     ex.add_argument("--model", required=True, help="a torchvision model name, e.g. resnet50")
     ex.add_argument("--weights", type=Path, help="a state-dict file for the model (default: random weights)")

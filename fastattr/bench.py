@@ -1,0 +1,385 @@
+"""`fastattr bench`: latency and throughput of explaining (or plain inference) on this machine.
+
+    fastattr bench --model resnet50 --methods gradcam --k 5 --batch-sizes 1,16 --backend eager --device cpu \\
+        [--warmup 3] [--iters 20 | --seconds 30] [--json bench.json] [--no-progress]
+
+    fastattr bench --model resnet50.onnx --batch-sizes 1,8          # a fastattr export: .onnx or .pt2
+
+For each batch size it builds random images (fixed seed), makes `--warmup` untimed calls (the first one,
+which compiles for `--backend compiled`, is reported as `first_call_s`), then times `--iters` calls and/or
+calls for `--seconds`, and prints p50 / p90 / p99 / mean latency in ms and images/s (the batch over the
+median). Backends: `eager` and `compiled` run `fastattr.Explainer`, `onnx` exports the graph to a temporary
+file and runs it in onnxruntime, `inference` is the plain model forward under `torch.inference_mode`, the
+floor to compare with. A file given as `--model` carries its own methods, k, layer and input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from . import cli, methods as _methods, zoo
+from .errors import FastattrError
+from .explain import Explainer
+from .export import OnnxExplainer, export_onnx, load_program
+
+__all__ = ["add_arguments", "run", "latency_stats"]
+
+BACKENDS = ("eager", "compiled", "onnx", "inference")
+FILE_SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
+DEFAULTS = {"methods": "gradcam", "k": 5, "input_size": 224, "iters": 20}
+
+
+class _Usage(Exception):
+    """A mistake in the command's arguments, reported as `fastattr: error: ...` with exit status 2."""
+
+
+class _Reported(Exception):
+    """An error already printed (by `cli.load_model`), carrying its exit status."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `bench` options to `parser` (the `fastattr bench` subcommand's parser)."""
+    # Options a file export fixes default to None, so that an explicit conflicting value can be told apart.
+    parser.add_argument("--model", default="resnet50", metavar="NAME_OR_FILE",
+                        help="efficientnet_lite0, a torchvision model name, or a fastattr export: a .onnx file (onnxruntime) or a .pt2 "
+                             "program (default: resnet50)")
+    parser.add_argument("--weights", type=Path, metavar="FILE",
+                        help="a state-dict file for a torchvision model (default: random weights)")
+    parser.add_argument("--layer", help="target layer by module path (default: the model's last feature map)")
+    parser.add_argument("--methods", metavar="LIST",
+                        help=f"comma-separated method names (default: {DEFAULTS['methods']})")
+    parser.add_argument("--k", type=int, help=f"classes explained per image, the top-k (default: {DEFAULTS['k']})")
+    parser.add_argument("--batch-sizes", default="1,16", metavar="LIST",
+                        help="comma-separated batch sizes (default: 1,16)")
+    parser.add_argument("--input-size", type=int, metavar="PIXELS",
+                        help=f"image height and width (default: {DEFAULTS['input_size']})")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="eager or compiled Explainer, onnx (exported, run in onnxruntime) or inference (the plain "
+                             "forward, the floor); default: eager, or what a file given as --model implies")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    parser.add_argument("--warmup", type=int, default=3, metavar="N",
+                        help="untimed calls per batch size, the first reported as first_call_s (it compiles, for "
+                             "--backend compiled); default: 3")
+    parser.add_argument("--iters", type=int, metavar="N",
+                        help=f"timed calls per batch size (default: {DEFAULTS['iters']}, or as many as --seconds "
+                             "allows)")
+    parser.add_argument("--seconds", type=float, metavar="S",
+                        help="time budget per batch size for the timed calls; with --iters, whichever ends first")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write the rows and the settings to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, float]:
+    """p50 / p90 / p99 / mean latency in ms (percentiles interpolated linearly) and images/s (`batch` over the
+    median) of the per-call `seconds` of one batch size.
+
+    >>> latency_stats([0.1, 0.2, 0.3, 0.4], batch=4)["images_per_s"]
+    16.0
+    """
+    if len(seconds) == 0:
+        raise ValueError("latency_stats: no timings")
+    if batch < 1:
+        raise ValueError(f"latency_stats: batch must be >= 1, got {batch}")
+    values = np.asarray(seconds, dtype=np.float64)
+    p50, p90, p99 = np.percentile(values, [50, 90, 99], method="linear")
+    return {"p50_ms": float(p50) * 1e3, "p90_ms": float(p90) * 1e3, "p99_ms": float(p99) * 1e3,
+            "mean_ms": float(values.mean()) * 1e3, "images_per_s": batch / float(p50)}
+
+
+@dataclass
+class _Settings:
+    batch_sizes: list[int]
+    device: torch.device
+    warmup: int
+    iters: int | None
+    seconds: float | None
+
+
+@dataclass
+class _Target:
+    """What is timed: `call(*make_inputs(n))` is one call on a batch of n."""
+
+    call: Callable[..., object]
+    make_inputs: Callable[[int], tuple[Tensor, ...]]
+    model: str
+    backend: str
+    methods: list[str]
+    k: int | None
+    layer: str | None
+    input_shape: tuple[int, ...]
+    extra: dict = field(default_factory=dict)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark `args` describes: print the table, write the JSON if asked; 0, or 2 on a usage error."""
+    try:
+        settings = _settings(args)
+        with contextlib.ExitStack() as stack:  # holds the temporary ONNX export until the timing is done
+            target = _target(args, settings, stack)
+            rows = [_bench_batch(target, n, settings, progress=not args.no_progress) for n in settings.batch_sizes]
+    except _Reported as exc:
+        return exc.code
+    except (_Usage, FastattrError) as exc:
+        return cli._usage_error(str(exc))
+    meta = _metadata(target, settings)
+    print(_table(meta, rows))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    """Batch sizes from `text` such as "1,16"; raises `_Usage` naming the bad entry."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            n = int(part.strip())
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise _Usage(f"--batch-sizes {text!r}: {part.strip()!r} is not a positive integer; pass e.g. 1,16")
+        sizes.append(n)
+    return sizes
+
+
+def _settings(args: argparse.Namespace) -> _Settings:
+    """Check the arguments that need no model, so that such mistakes are reported before any loading."""
+    sizes = _parse_batch_sizes(args.batch_sizes)
+    if args.warmup < 0:
+        raise _Usage(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.iters is not None and args.iters < 1:
+        raise _Usage(f"--iters: must be >= 1, got {args.iters}")
+    if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
+        raise _Usage(f"--seconds: must be a positive number, got {args.seconds}")
+    if args.k is not None and args.k < 1:
+        raise _Usage(f"--k: must be >= 1, got {args.k}")
+    if args.input_size is not None and args.input_size < 1:
+        raise _Usage(f"--input-size: must be >= 1, got {args.input_size}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else f"torch {torch.__version__} finds no CUDA device or driver")
+        raise _Usage(f"--device cuda: no GPU available ({why}); use --device cpu")
+    iters = DEFAULTS["iters"] if args.iters is None and args.seconds is None else args.iters
+    return _Settings(sizes, torch.device(args.device), args.warmup, iters, args.seconds)
+
+
+def _target(args: argparse.Namespace, settings: _Settings, stack: contextlib.ExitStack) -> _Target:
+    suffix = Path(args.model).suffix.lower()
+    if suffix in FILE_SUFFIXES:
+        return _file_target(args, settings, FILE_SUFFIXES[suffix])
+    if Path(args.model).is_file():
+        raise _Usage(f"--model {args.model!r}: a file must be a fastattr export ending in .onnx or .pt2 "
+                     "(or pass a torchvision model name)")
+    return _model_target(args, settings, stack)
+
+
+def _model_target(args: argparse.Namespace, settings: _Settings, stack: contextlib.ExitStack) -> _Target:
+    backend = args.backend or "eager"
+    methods = _methods.resolve(tuple(m for m in (args.methods or DEFAULTS["methods"]).split(",") if m))
+    k = DEFAULTS["k"] if args.k is None else args.k
+    shape = (3, args.input_size or DEFAULTS["input_size"], args.input_size or DEFAULTS["input_size"])
+    device = settings.device
+    if backend == "onnx":
+        providers = _onnx_providers(device)  # before the export, which takes a while
+    try:
+        model = cli.load_model(args.model, args.weights)
+    except SystemExit as exc:  # load_model printed the error and exits for the `export` command; we return
+        raise _Reported(exc.code if isinstance(exc.code, int) else 2) from None
+    common = dict(model=args.model, backend=backend, input_shape=shape)
+    layer = args.layer or zoo.default_layer(args.model, model)
+
+    if backend == "inference":
+        model = model.to(device)
+
+        def infer(images: Tensor) -> Tensor:
+            with torch.inference_mode():
+                return model(images)
+        return _Target(infer, _images(shape, device), methods=[], k=None, layer=None, **common)
+
+    if backend == "onnx":
+        path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastattr-bench-"))) / "model.onnx"
+        start = time.perf_counter()
+        export_onnx(model, path, layer=layer, methods=methods, k=k, input_shape=shape)
+        export_s = time.perf_counter() - start
+        explainer = OnnxExplainer(path, providers=providers)
+        return _Target(explainer, _images(shape, torch.device("cpu")), methods=list(explainer.methods), k=k,
+                       layer=explainer.meta["layer"], extra={"export_s": export_s, **_onnx_versions(explainer)},
+                       **common)
+
+    explainer = Explainer(model.to(device), layer=layer, methods=methods, compile=backend == "compiled")
+    return _Target(lambda images: explainer(images, k=k), _images(shape, device), methods=list(explainer.methods),
+                   k=k, layer=explainer.layer, **common)
+
+
+def _file_target(args: argparse.Namespace, settings: _Settings, kind: str) -> _Target:
+    if args.backend is not None and args.backend != kind:
+        implied = "onnx" if kind == "onnx" else "none (a .pt2 program runs as it was exported)"
+        raise _Usage(f"--backend {args.backend}: {args.model!r} is a .{kind} export, which sets the backend: "
+                     f"{implied}; drop --backend or pass a torchvision model name")
+    if args.weights is not None:
+        raise _Usage(f"--weights: {args.model!r} is an export that holds its weights; drop --weights")
+    if kind == "onnx":
+        explainer = OnnxExplainer(args.model, providers=_onnx_providers(settings.device))
+        extra, image_device = _onnx_versions(explainer), torch.device("cpu")
+    else:
+        explainer = load_program(args.model)
+        extra, image_device = {}, settings.device
+    meta = explainer.meta
+    _check_same(args, meta)
+    shape = tuple(meta["input_shape"])
+    dtype = getattr(torch, meta["dtype"])
+    make_images = _images(shape, image_device, dtype)
+
+    def make_inputs(n: int) -> tuple[Tensor, ...]:
+        if not meta["with_classes"]:
+            return make_images(n)
+        classes = torch.randint(0, meta["num_classes"], (n, meta["k"]), generator=torch.Generator().manual_seed(1))
+        return (*make_images(n), classes.to(image_device))
+
+    call = explainer if kind == "onnx" else _device_checked(explainer, args.model, settings.device)
+    return _Target(call, make_inputs, model=args.model, backend=kind, methods=list(meta["methods"]), k=meta["k"],
+                   layer=meta["layer"], input_shape=shape, extra=extra)
+
+
+def _check_same(args: argparse.Namespace, meta: dict) -> None:
+    """An option given with a file must agree with the file: the export fixed it."""
+    given = {"--methods": (args.methods and list(_methods.resolve(tuple(m for m in args.methods.split(",") if m))),
+                           meta["methods"]),
+             "--k": (args.k, meta["k"]),
+             "--layer": (args.layer, meta["layer"]),
+             "--input-size": (args.input_size and [args.input_size] * 2, meta["input_shape"][-2:])}
+    for option, (value, fixed) in given.items():
+        if value is not None and value != fixed:
+            shown = "x".join(map(str, fixed)) if option == "--input-size" else fixed
+            raise _Usage(f"{option}: {args.model!r} was exported with {option.lstrip('-')} {shown}; drop "
+                         f"{option} or export again")
+
+
+def _device_checked(program: Callable[..., object], path: str, device: torch.device) -> Callable[..., object]:
+    """A .pt2 program runs on the device it was exported for: say so instead of a deep torch error."""
+    checked = False
+
+    def call(*inputs: Tensor) -> object:
+        nonlocal checked
+        if checked:
+            return program(*inputs)
+        try:
+            out = program(*inputs)
+        except FastattrError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - most often a device mismatch; the message is kept
+            raise _Usage(f"--model {path!r} cannot run on {device} ({type(exc).__name__}: {str(exc)[:300]}); "
+                         "was it exported for another device?") from None
+        checked = True
+        return out
+    return call
+
+
+def _onnx_providers(device: torch.device) -> list[str]:
+    import onnxruntime as ort
+
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise _Usage(f"--device cuda: onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
+                     f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use --device cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _onnx_versions(explainer: OnnxExplainer) -> dict:
+    import onnxruntime as ort
+
+    return {"onnxruntime": ort.__version__, "providers": explainer.session.get_providers()}
+
+
+def _images(shape: Sequence[int], device: torch.device,
+            dtype: torch.dtype = torch.float32) -> Callable[[int], tuple[Tensor]]:
+    def make(n: int) -> tuple[Tensor]:
+        # Seeded the same for every batch size and backend, so rows and runs see the same images.
+        images = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+        return (images,)
+    return make
+
+
+def _bench_batch(target: _Target, n: int, settings: _Settings, progress: bool) -> dict:
+    inputs = target.make_inputs(n)
+    cuda = settings.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # disable=None lets tqdm turn itself off when stderr is not a terminal (logs, CI).
+    with tqdm(total=settings.iters, desc=f"batch {n} warm-up", unit="call", file=sys.stderr, leave=False,
+              disable=None if progress else True) as bar:
+        first_call_s = _timed(target.call, inputs, sync) if settings.warmup else None
+        for _ in range(settings.warmup - 1):
+            _timed(target.call, inputs, sync)
+        bar.reset(total=settings.iters)  # the rate shown is that of the timed calls, the warm-up left out
+        bar.set_description(f"batch {n}")
+        times = _time_calls(target.call, inputs, sync, settings.iters, settings.seconds, bar.update)
+    return {"batch": n, **latency_stats(times, n), "first_call_s": first_call_s, "calls": len(times)}
+
+
+def _timed(call: Callable[..., object], inputs: tuple[Tensor, ...], sync: Callable[[], None]) -> float:
+    # Synchronising before the start too keeps GPU work queued by an earlier call out of this one's time.
+    sync()
+    start = time.perf_counter()
+    call(*inputs)
+    sync()
+    return time.perf_counter() - start
+
+
+def _time_calls(call: Callable[..., object], inputs: tuple[Tensor, ...], sync: Callable[[], None],
+                iters: int | None, seconds: float | None, tick: Callable[[int], object]) -> list[float]:
+    """Time `iters` calls, or calls until `seconds` have passed (at least one), whichever ends first."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        times.append(_timed(call, inputs, sync))
+        tick(1)
+        if iters is not None and len(times) >= iters:
+            return times
+        if seconds is not None and time.perf_counter() - start >= seconds:
+            return times
+
+
+def _metadata(target: _Target, settings: _Settings) -> dict:
+    device = settings.device
+    return {"model": target.model, "backend": target.backend, "methods": target.methods, "k": target.k,
+            "layer": target.layer, "input_shape": list(target.input_shape), "device": str(device),
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "warmup": settings.warmup,
+            "iters": settings.iters, "seconds": settings.seconds, **target.extra}
+
+
+def _table(meta: dict, rows: list[dict]) -> str:
+    what = (f"{','.join(meta['methods'])} k={meta['k']}" if meta["methods"] else "plain inference")
+    title = (f"{meta['model']}: {what}, {meta['backend']} on {meta['device']} ({meta['threads']} threads), "
+             f"images {'x'.join(map(str, meta['input_shape']))}, torch {meta['torch']}")
+    header = (f"{'batch':>5}  {'p50 ms':>9}  {'p90 ms':>9}  {'p99 ms':>9}  {'mean ms':>9}  {'images/s':>9}  "
+              f"{'first call s':>12}")
+    lines = [title, header]
+    for r in rows:
+        first = "-" if r["first_call_s"] is None else f"{r['first_call_s']:.2f}"
+        lines.append(f"{r['batch']:>5}  {r['p50_ms']:>9.2f}  {r['p90_ms']:>9.2f}  {r['p99_ms']:>9.2f}  "
+                     f"{r['mean_ms']:>9.2f}  {r['images_per_s']:>9.1f}  {first:>12}")
+    return "\n".join(lines)
