@@ -19,8 +19,8 @@ FULL = os.environ.get("FASTATTR_BENCH") == "full"
 SMOKE = not FULL
 SIZE = 224 if FULL else 64
 BATCH = 16 if FULL else 2
-REPS = 3 if FULL else 1
-ROUNDS = 2 if FULL else 1
+REPS = int(os.environ.get("FASTATTR_BENCH_REPS", 3 if FULL else 1))  # the matrix's full run uses 2 and 1
+ROUNDS = int(os.environ.get("FASTATTR_BENCH_ROUNDS", 2 if FULL else 1))
 
 
 @functools.cache
@@ -34,11 +34,11 @@ def images(n: int = BATCH) -> torch.Tensor:
     return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
 
 
-def run(benchmark, fn, n_images: int, **info) -> None:
-    """Time `fn()` (one warm-up outside the timer) and record images/s in extra_info."""
+def run(benchmark, fn, n_images: int, warmup_rounds: int = 1, **info) -> None:
+    """Time `fn()` (after `warmup_rounds` calls outside the timer) and record images/s in extra_info."""
     benchmark.extra_info.update({"batch": n_images, "size": SIZE, "threads": torch.get_num_threads(),
                                  "device": "cpu", "torch": torch.__version__, **info})
-    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=warmup_rounds, iterations=1)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = n_images / benchmark.stats.stats.median
 

@@ -14,12 +14,13 @@ interleaved rep by rep (conftest.py), so the ratios within a group are what to r
 Compiles and exports happen outside the timed rounds (`first_call_s`, `export_s` in extra_info). CUDA
 cases synchronise the device before the clock is read, and are skipped without a GPU.
 
-    FASTATTR_BENCH=full .venv/bin/python -m pytest benchmarks/test_matrix.py -k cpu \
-        --benchmark-json=benchmarks/results/cpu-matrix.json
+    FASTATTR_BENCH=full FASTATTR_BENCH_REPS=2 FASTATTR_BENCH_ROUNDS=1 .venv/bin/python -m pytest \
+        benchmarks/test_matrix.py -k cpu --benchmark-json=benchmarks/results/cpu-matrix.json
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import tempfile
@@ -79,7 +80,7 @@ def _providers(device: str) -> list[str] | None:
 
 @functools.cache
 def net(name: str, device: str) -> torch.nn.Module:
-    return model(name).to(device) if device != "cpu" else model(name)
+    return copy.deepcopy(model(name)).to(device) if device != "cpu" else model(name)  # .to moves in place
 
 
 @functools.cache
@@ -164,7 +165,7 @@ def test_matrix(benchmark, rep, case, name, layer, method, k, n, device):
         with GradCAM(m, target_layers=[m.get_submodule(layer)]) as cam:  # its hooks live for this case only
             fn = functools.partial(grad_cam_package, cam, m, x, k)
             first_call(benchmark, fn, rep)
-            run(benchmark, fn, n, **info)
+            run(benchmark, fn, n, warmup_rounds=0, **info)
         return
     fn, images_per_call = case_fn(case, name, layer, method, k, x)
     if device == "cuda":
@@ -172,5 +173,5 @@ def test_matrix(benchmark, rep, case, name, layer, method, k, n, device):
         fn = lambda: (timed(), torch.cuda.synchronize())  # noqa: E731 - kernels are async: time their end
     key = (name, layer, method, k) if case == "fastattr-onnxruntime" else (name, "", "inference", 0)
     exported = {"export_s": EXPORT_SECONDS[key]} if "onnxruntime" in case else {}
-    first_call(benchmark, fn, rep, **exported)
-    run(benchmark, fn, images_per_call, **info)
+    first_call(benchmark, fn, rep, **exported)  # the warm-up: compiles, builds sessions, fills caches
+    run(benchmark, fn, images_per_call, warmup_rounds=0, **info)

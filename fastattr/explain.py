@@ -59,7 +59,9 @@ class Explainer:
         output: how to pick the logits from a model that returns a tuple or dict: a key, an index or a
             callable.
         upsample: resize layer maps bilinearly to the input's size.
-        normalize: min-max normalise each map to [0, 1] as the article does.
+        normalize: min-max normalise each map to [0, 1] as the article does, at the method's own resolution
+            (the layer's, for Grad-CAM) and before upsampling, so an upsampled map is the article's map resized
+            (its extremes may then fall between output pixels, a little inside [0, 1]).
         k_form: how the K-class backward runs: "loop" (one vjp function called K times) or "vmap";
             "auto" picks "loop", the faster on CPU by measurement (benchmarks/results).
         keep_grads: also return the raw gradients in `Explanation.grads`.
@@ -179,9 +181,10 @@ class Explainer:
         for name in self.methods:
             method = _methods.METHODS[name]
             raw = method.fn(acts, acts_grads) if method.at == "layer" else method.fn(images, input_grads)
-            if self.upsample:
-                raw = postprocess.upsample(raw, images.shape[-2:])
-            maps.append(method.normalize(raw) if self.normalize else raw)
+            # Normalised at the method's own resolution, as the article does, then resized: the upsampled map is
+            # exactly the article's map resized, and min / max run over h*w values instead of H*W.
+            result = method.normalize(raw) if self.normalize else raw
+            maps.append(postprocess.upsample(result, images.shape[-2:]) if self.upsample else result)
         raw_grads = {"layer": acts_grads, "input": input_grads}
         grads = tuple(raw_grads[name] for name in self._grad_names) if self.keep_grads else ()
         return p.logits.to(images.dtype), p.classes, tuple(maps), grads

@@ -140,7 +140,7 @@ def test_the_command_line_names_an_unknown_model(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastattr", "export", "--model", "resnet19", "-o",
                            str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "unknown torchvision model 'resnet19'; closest: 'resnet18'" in done.stderr
+    assert "unknown name 'resnet19'; closest: 'resnet18'" in done.stderr
 
 
 def test_average_pooling_and_silu_gradients_export_for_odd_sizes(tmp_path):

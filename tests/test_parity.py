@@ -40,6 +40,16 @@ def test_gradcam_and_saliency_match_reference_for_each_class_in_one_pass(name, l
     np.testing.assert_allclose(out.maps["saliency"].numpy(), sal, rtol=0, atol=1e-10)
 
 
+def test_upsampled_gradcam_is_the_reference_map_resized_bilinearly():
+    net, x = model("resnet18", torch.float64), images(2, torch.float64)
+    out = fastattr.explain(net, x, layer="layer4", methods=("gradcam",), k=2)
+    cam, _ = reference_maps(net, x, "layer4", out.classes)
+    resized = torch.nn.functional.interpolate(torch.from_numpy(cam), size=x.shape[-2:], mode="bilinear",
+                                              align_corners=False)
+    assert out.maps["gradcam"].shape == (2, 2, *x.shape[-2:])
+    torch.testing.assert_close(out.maps["gradcam"], resized, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_top1_of_a_single_image_matches_reference_choosing_its_own_class(name):
     net, x = model(name, torch.float64), images(1, torch.float64, seed=5)
