@@ -16,9 +16,11 @@ def pytest_collection_modifyitems(items):
     def key(indexed):
         index, item = indexed
         if HERE not in Path(item.fspath).parents:
-            return (0, index, "", 0)
-        callspec = getattr(item, "callspec", None)
-        return (1, str(item.fspath), item.originalname, callspec.params.get("rep", 0) if callspec else 0)
+            return (0, index, "", 0, (), 0)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        # Within a rep, a group's cases run back to back, so what is compared was measured minutes apart at most.
+        group = tuple(str(v) for k, v in sorted(params.items()) if k not in ("rep", "case"))
+        return (1, str(item.fspath), item.originalname, params.get("rep", 0), group, index)
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 
