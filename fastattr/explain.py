@@ -72,8 +72,8 @@ class Explainer:
             dimension is symbolic from the first call (after a first call with N = 1, N >= 2 compiles
             once more), so new batch sizes do not recompile; every other shape, the dtype and K are
             static, and each K compiles a graph of its own. torch.compile keeps up to
-            `torch._dynamo.config.recompile_limit` (8) graphs per function and runs eagerly past that, so
-            keep the K values and image sizes per explainer few.
+            `torch._dynamo.config.recompile_limit` (8) graphs per explainer; past that, new signatures
+            run eagerly, with a warning. Keep the K values and image sizes per explainer few.
         dtype: torch.bfloat16 or torch.float16 to run the model under autocast (maps and logits come back
             in the images' dtype); None runs in the model's own dtype.
 
@@ -112,6 +112,7 @@ class Explainer:
             raise InputError(f"dtype: expected None, torch.bfloat16 or torch.float16, got {dtype}")
         self.dtype = dtype
         self.compile_seconds: dict[tuple, float] = {}
+        self._past_limit: set[tuple] = set()
         self._compiled = None
         if compile:
             options = {} if compile is True else dict(compile)
@@ -157,12 +158,24 @@ class Explainer:
 
     def _run_compiled(self, images: Tensor, classes: Tensor | None, k: int):
         signature = (tuple(images.shape), images.dtype, str(images.device), k, classes is None)
+        if signature in self._past_limit:
+            return self._pure(images, classes, k)
         images, classes = graph.mark_batch_dynamic(images, classes)
         if signature in self.compile_seconds:
             return self._compiled(images, classes, k)
         with self._lock:  # one compile per signature, even when threads arrive together
             start = time.perf_counter()
-            result = self._compiled(images, classes, k)
+            try:
+                result = self._compiled(images, classes, k)
+            except Exception as exc:
+                if not _past_recompile_limit(exc):
+                    raise
+                self._past_limit.add(signature)
+                warnings.warn(f"fastattr: this explainer reached torch.compile's recompile limit "
+                              f"({torch._dynamo.config.recompile_limit} graphs), so images {list(images.shape)}, "
+                              f"k={k} run eagerly; keep the image sizes and K values per explainer few, or raise "
+                              "torch._dynamo.config.recompile_limit", stacklevel=3)
+                return self._pure(images, classes, k)
             if signature not in self.compile_seconds:
                 self.compile_seconds[signature] = seconds = time.perf_counter() - start
                 log.info("fastattr: first compiled call for images %s %s, k=%d took %.1f s (compiling, unless a graph "
@@ -238,6 +251,11 @@ class Explainer:
         except Exception as exc:
             raise InputError(f"images: {type(self.model).__name__} cannot run on shape {list(images.shape)}: "
                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def _past_recompile_limit(exc: BaseException) -> bool:
+    limit_hit = torch._dynamo.exc.FailOnRecompileLimitHit
+    return isinstance(exc, limit_hit) or isinstance(exc.__cause__, limit_hit) or isinstance(exc.__context__, limit_hit)
 
 
 def explain(model: nn.Module, images: Tensor, layer: str | None = None, methods: str | Sequence[str] = ("gradcam",),

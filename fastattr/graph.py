@@ -21,6 +21,7 @@ is slower, cannot be compiled or exported, and is not safe while other threads u
 from __future__ import annotations
 
 import difflib
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -376,7 +377,18 @@ def compile(fn: Callable, *, device: torch.device | None = None, mode: str | Non
     chosen = {"mode": mode} if mode is not None else {}
     if options is not None:
         chosen["options"] = options  # torch.compile takes mode or options, not both
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, **chosen)
+    return torch.compile(_with_own_code(fn), fullgraph=True, dynamic=False, backend=backend, **chosen)
+
+
+def _with_own_code(fn: Callable) -> Callable:
+    """`fn` over a copy of its code object. Dynamo keeps compiled graphs, and counts them against its
+    recompile limit, per code object, and every Explainer's `_pure` shares one: without a copy, the ninth
+    (explainer, shape) of a process would fail with fullgraph=True. A copy gives each its own cache."""
+    func = getattr(fn, "__func__", fn)
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
+    return types.MethodType(copy, fn.__self__) if hasattr(fn, "__self__") else copy
 
 
 def mark_batch_dynamic(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:

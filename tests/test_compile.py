@@ -71,6 +71,30 @@ def test_the_batch_is_dynamic_and_each_k_compiles_once():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+def test_each_compiled_explainer_has_its_own_recompile_budget():
+    # torch.compile caches graphs per code object, and every Explainer's bound method shares one: without a
+    # code object of its own, the ninth (model, shape) in a process would exceed the recompile limit (8).
+    x = images(2)[:, :, :32, :32]
+    for seed in range(10):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        explainer = fastattr.Explainer(net.eval(), layer="1", compile={"backend": "eager"})
+        assert_same_explanation(explainer(x, k=2), fastattr.Explainer(net, layer="1")(x, k=2))
+
+
+def test_past_the_recompile_limit_new_image_sizes_run_eagerly_with_a_warning():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    compiled = fastattr.Explainer(net, layer="1", compile={"backend": "eager"})
+    limit = torch._dynamo.config.recompile_limit
+    sizes = range(16, 16 + limit + 2)
+    with pytest.warns(UserWarning, match="recompile limit"):
+        for size in sizes:
+            x = images(2)[:, :, :size, :size]
+            assert_same_explanation(compiled(x, k=2), fastattr.Explainer(net, layer="1")(x, k=2))
+    assert len(compiled.compile_seconds) == limit
+
+
 def test_dynamic_true_is_refused_since_k_must_stay_static():
     with pytest.raises(fastattr.CompileError, match=r"dynamic=True would make K symbolic"):
         fastattr.Explainer(model("resnet18"), compile={"dynamic": True})
