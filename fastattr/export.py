@@ -87,13 +87,14 @@ def export_program(model: nn.Module, path: str | Path, *, layer: str | None = No
 def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
                 methods: str | Sequence[str] = ("gradcam", "saliency"), k: int = 5,
                 input_shape: Sequence[int] = (3, 224, 224), with_classes: bool = False, opset: int = 18,
-                **options) -> Path:
+                external_data: bool | None = None, **options) -> Path:
     """Write one ONNX model computing logits, the explained classes and the maps, for any batch size.
 
     Inputs: `images [N, *input_shape]` (and `class_indices [N, k]` int64 with `with_classes=True`); outputs:
     `logits`, `classes`, then one `[N, k, H, W]` map per method, named after it. The backward pass is
     traced into ordinary forward operators (a convolution's input gradient becomes a ConvTranspose).
-    Weights are stored once; the exporter may write them beside the file as `<path>.data`: keep both.
+    Weights are stored once. With `external_data=True`, and always for a model over 2 GB (protobuf's limit),
+    they go beside the file as `<path>.data`: keep both together.
 
     >>> fastattr.export_onnx(model, "resnet18.onnx", layer="layer4", k=5)        # doctest: +SKIP
     >>> out = fastattr.OnnxExplainer("resnet18.onnx")(images)                   # doctest: +SKIP
@@ -115,7 +116,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
     program.model.metadata_props["fastattr"] = json.dumps(meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path))
+    program.save(str(path), external_data=external_data)
     onnx.checker.check_model(str(path), full_check=True)
     return path
 

@@ -413,8 +413,30 @@ def trace(fn: Callable[..., tuple[Tensor, ...]], example: tuple[Tensor, ...],
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    return make_fx(fn, decomposition_table=decompositions or {}, tracing_mode="symbolic",
-                   _allow_non_fake_inputs=True)(*example)
+    with _StridelessTrace():
+        return make_fx(fn, decomposition_table=decompositions or {}, tracing_mode="symbolic",
+                       _allow_non_fake_inputs=True)(*example)
+
+
+class _StridelessTrace(torch.overrides.TorchFunctionMode):
+    """Two layers traced as the same values without restriding, for graphs that must leave torch (ONNX has
+    no strides). ConvNeXt permutes its activations to `[N, H, W, C]` and back, so they reach
+    - `nn.Linear` as non-contiguous views of more than two dimensions, whose backward traces to `as_strided`
+      writes; on a contiguous copy it traces to plain MatMuls;
+    - global average pooling channels-last, which ATen computes as a mean and then restrides in place; the
+      mean alone is the same value.
+    Functionalised, those restrides become `prims.as_strided_scatter`, which has no ONNX translation. Torch's
+    decomposition tables cannot reach either op (both are CompositeImplicit), hence a function mode."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and args[0].ndim > 2 and not args[0].is_contiguous():
+            return func(args[0].contiguous(), *args[1:], **kwargs)
+        if func is torch.nn.functional.adaptive_avg_pool2d:
+            size = args[1] if len(args) > 1 else kwargs["output_size"]
+            if all(s == 1 for s in ((size,) if isinstance(size, int) else size)):
+                return args[0].mean((-2, -1), keepdim=True)
+        return func(*args, **kwargs)
 
 
 def batch_dims(example: tuple[Tensor, ...], max_batch: int = 4096) -> tuple[dict, ...]:
