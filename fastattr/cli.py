@@ -1,6 +1,6 @@
 """The `fastattr` command line.
 
-    fastattr explain IMAGE_OR_FOLDER... [--model NAME] [--weights FILE] [--layer L] [--methods gradcam,saliency]
+    fastattr explain IMAGE_OR_FOLDER... [--model NAME|FILE] [--weights FILE] [--layer L] [--methods gradcam,saliency]
         [--k 3] [--batch-size B] [--device cpu|cuda] [--compile] [--onnx FILE] -o OUTDIR
     fastattr layers MODEL
     fastattr export --model resnet18 [--weights FILE] --layer layer4 --methods gradcam,saliency --k 5 \\
@@ -59,12 +59,16 @@ def _explainer(args: argparse.Namespace):
     from . import zoo
 
     methods = tuple(m for m in args.methods.split(",") if m)
-    if args.onnx is not None:
-        onnx = fastattr.OnnxExplainer(args.onnx)
-        if args.k is not None and args.k != onnx.k:
-            raise fastattr.InputError(f"--k {args.k}: {args.onnx} was exported for k={onnx.k}; drop --k or export "
-                                      "again with --k")
-        return onnx, onnx.meta["input_shape"][-1], onnx.meta["num_classes"]
+    export_file = args.onnx or (Path(args.model) if args.model.endswith((".onnx", ".pt2")) else None)
+    if export_file is not None:
+        if args.onnx is not None and args.model != zoo.PRETRAINED:
+            raise fastattr.InputError(f"--onnx {args.onnx} and --model {args.model}: the export is the model; "
+                                      "pass one of them")
+        loaded = fastattr.load_program(export_file) if export_file.suffix == ".pt2" else fastattr.OnnxExplainer(export_file)
+        if args.k is not None and args.k != loaded.k:
+            raise fastattr.InputError(f"--k {args.k}: {export_file} was exported for k={loaded.k}; drop --k or "
+                                      "export again with --k")
+        return loaded, loaded.meta["input_shape"][-1], loaded.meta["num_classes"]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise fastattr.InputError("--device cuda: torch sees no CUDA device here; use --device cpu")
     model = load_model(args.model, args.weights).to(args.device)
@@ -116,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
     xp = commands.add_parser("explain", help="explain image files: overlay PNGs and results.jsonl")
     xp.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched recursively")
-    xp.add_argument("--model", default=zoo.PRETRAINED,
-                    help=f"{zoo.PRETRAINED} (pretrained, the default) or a torchvision model name")
+    xp.add_argument("--model", default=zoo.PRETRAINED, metavar="NAME_OR_FILE",
+                    help=f"{zoo.PRETRAINED} (pretrained, the default), a torchvision model name, or a fastattr "
+                         "export: a .pt2 program (fastattr export --format pt2) or an .onnx file")
     xp.add_argument("--weights", type=Path, help="a state-dict file for a torchvision model (else random weights)")
     xp.add_argument("--layer", help="target layer by module path (default: the model's last feature map)")
     xp.add_argument("--methods", default="gradcam,saliency", help="comma-separated method names")
