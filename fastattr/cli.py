@@ -1,10 +1,12 @@
 """The `fastattr` command line.
 
     fastattr explain IMAGE_OR_FOLDER... [--model NAME|FILE] [--weights FILE] [--layer L] [--methods gradcam,saliency]
-        [--k 3] [--batch-size B] [--device cpu|cuda] [--compile] [--onnx FILE] -o OUTDIR
+        [--k 3] [--batch-size B] [--device cpu|cuda] [--compile] [--onnx FILE]
+        [--ray [--address ADDR] [--workers N]] -o OUTDIR
     fastattr layers MODEL
     fastattr export --model resnet18 [--weights FILE] --layer layer4 --methods gradcam,saliency --k 5 \\
         [--input-size 224] [--with-classes] [--format onnx|pt2|aoti] -o model.onnx
+    fastattr serve [--model NAME] [--onnx FILE] [--port 8000] [--max-batch-size 16]
     fastattr bench --model resnet50 --methods gradcam --k 5 --batch-sizes 1,16 --backend eager|compiled|onnx|inference
 """
 
@@ -82,6 +84,8 @@ def explain(args: argparse.Namespace) -> int:
     from . import files, zoo
     from .errors import FastattrError
 
+    if args.ray:
+        return _explain_on_ray(args)
     try:
         explain_batch, size, num_classes = _explainer(args)
         names = zoo.imagenet_classes() if num_classes in (None, 1000) else None
@@ -96,6 +100,28 @@ def explain(args: argparse.Namespace) -> int:
     if report.failed:
         print(f"skipped {len(report.failed)} files that are not readable images:", file=sys.stderr)
         for path, reason in report.failed:
+            print(f"  {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _explain_on_ray(args: argparse.Namespace) -> int:
+    from . import raydata
+    from .errors import FastattrError
+
+    out = args.output / "parquet"
+    try:
+        failed = raydata.explain_to_parquet(
+            [str(p) for p in args.paths], out, model=args.model, weights=args.weights, layer=args.layer,
+            methods=tuple(m for m in args.methods.split(",") if m), k=3 if args.k is None else args.k,
+            input_size=args.input_size, onnx=str(args.onnx) if args.onnx else None, workers=args.workers,
+            batch_size=args.batch_size, address=args.address)
+    except FastattrError as exc:
+        return _usage_error(str(exc))
+    print(f"wrote Parquet to {out}")
+    if failed:
+        print(f"skipped {len(failed)} files that are not readable images:", file=sys.stderr)
+        for reason in failed:
             print(f"  {reason}", file=sys.stderr)
         return 1
     return 0
@@ -133,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     xp.add_argument("--compile", action="store_true", help="torch.compile the attribution (slow first batch)")
     xp.add_argument("--onnx", type=Path, help="run a `fastattr export` ONNX file in onnxruntime instead of torch")
     xp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    xp.add_argument("--ray", action="store_true",
+                    help="run on Ray Data and write Parquet (OUTDIR/parquet) instead of PNGs; needs fastattr[ray]")
+    xp.add_argument("--address", help="with --ray: an existing Ray cluster (default: a local one for this run)")
+    xp.add_argument("--workers", type=int, default=1, help="with --ray: model replicas (each loads the model once)")
     xp.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNGs and results.jsonl")
     xp.set_defaults(run=explain)
     ly = commands.add_parser("layers", help="list a model's candidate target layers")
@@ -143,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     be = commands.add_parser("bench", help="latency and throughput of explaining (or plain inference) here")
     bench.add_arguments(be)
     be.set_defaults(run=bench.run)
+    from . import serve
+
+    sv = commands.add_parser("serve", help="explain images over HTTP (Ray Serve, dynamic batching); needs fastattr[serve]")
+    serve.add_arguments(sv)
+    sv.set_defaults(run=serve.run)
     ex = commands.add_parser("export", help="write the attribution graph as ONNX or a torch.export program")
     ex.add_argument("--model", required=True, help="a torchvision model name, e.g. resnet50")
     ex.add_argument("--weights", type=Path, help="a state-dict file for the model (default: random weights)")

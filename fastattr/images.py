@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch import Tensor
 from .errors import InputError
 from .zoo import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["find", "read", "normalize"]
+__all__ = ["find", "read", "decode", "normalize"]
 
 
 def _image_suffixes() -> set[str]:
@@ -46,14 +47,34 @@ def find(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
 def read(path: str | Path, size: int = 224) -> Tensor:
     """An image file as RGB `[3, size, size]` float32 in [0, 1]: the shorter side resized to `size`, then the
     centre cropped, as ImageNet models are evaluated. Raises InputError for a file that is not a readable image."""
+    return _resize_crop(_open_rgb(path, repr(str(path))), size)
+
+
+def decode(data: bytes, size: int = 224) -> Tensor:
+    """`read` for an image file's bytes (an upload, say): RGB `[3, size, size]` float32 in [0, 1], resized and
+    cropped exactly as `read` does. Raises InputError for data that is not a readable image, truncated ones too.
+
+    >>> image = fastattr.images.decode(Path("examples/chelsea.png").read_bytes(), size=224)  # doctest: +SKIP
+    """
+    return _resize_crop(_open_rgb(io.BytesIO(data), "image data"), size)
+
+
+def _open_rgb(source, name: str):
+    """Decode `source` (a path or a binary file object) fully into an RGB `PIL.Image`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()  # decode now, so a truncated file fails here and not later
-            rgb = image.convert("RGB")
+            return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"{str(path)!r}: not a readable image ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def _resize_crop(rgb, size: int) -> Tensor:
+    """The shorter side of `rgb` resized to `size` (bicubic), then the centre `size` x `size` crop as a tensor."""
+    from PIL import Image
+
     scale = size / min(rgb.size)
     width, height = max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))
     rgb = rgb.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)

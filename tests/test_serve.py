@@ -1,0 +1,226 @@
+"""`fastattr serve`: the Ray Serve deployment over HTTP, on a small model (resnet18, random weights, 64x64)."""
+
+import argparse
+import base64
+import io
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+pytest.importorskip("ray.serve")
+requests = pytest.importorskip("requests")
+yaml = pytest.importorskip("yaml")
+from PIL import Image  # noqa: E402
+
+import fastattr  # noqa: E402
+from fastattr import images, serve as fserve, zoo  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+EXAMPLES = ROOT / "examples"
+SIZE = 64
+MAX_BYTES = 700_000   # chelsea.png (241 kB) and coffee.png (467 kB) pass, astronaut.png (792 kB) does not
+MAX_PIXELS = 500_000  # a 1000 x 1000 image does not
+
+
+def photo(name: str) -> bytes:
+    return (EXAMPLES / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("serve") / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def direct(weights):
+    """The explainer the server must agree with: the same model and weights, called on one image at a time."""
+    model = zoo.load_model("resnet18", weights)
+    explainer = fastattr.Explainer(model, layer=zoo.default_layer("resnet18", model), methods=("gradcam", "saliency"))
+
+    def explain(name: str, k: int | None = None, classes: list[int] | None = None) -> fastattr.Explanation:
+        image = images.normalize(images.read(EXAMPLES / name, SIZE)[None])
+        return explainer(image, classes=classes, k=k)
+
+    return explain
+
+
+@pytest.fixture(scope="module")
+def url(weights):
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(fserve.app({"model": "resnet18", "weights": str(weights), "input_size": SIZE, "max_batch_size": 8,
+                              "batch_wait_ms": 100, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}),
+                  route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url: str, body: bytes, params: dict | None = None, multipart: bool = False) -> requests.Response:
+    if multipart:
+        return requests.post(f"{url}/explain", files={"image": ("photo.png", body, "image/png")}, data=params,
+                             timeout=60)
+    return requests.post(f"{url}/explain", data=body, params=params, headers={"Content-Type": "image/png"},
+                         timeout=60)
+
+
+def concurrently(calls: list) -> list[requests.Response]:
+    """Run the calls on threads released together, so that the server sees them within one batch wait."""
+    results: list = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def one(i: int) -> None:
+        start.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def array(map_: dict) -> np.ndarray:
+    assert map_["dtype"] == "uint8"
+    return np.frombuffer(base64.b64decode(map_["data"]), dtype=np.uint8).reshape(map_["shape"])
+
+
+def test_concurrent_requests_are_batched_and_each_equals_a_direct_call_on_its_image_alone(url, direct):
+    cases = [  # (photo, options, multipart, the direct call's k and classes)
+        ("chelsea.png", {"k": "1", "maps": "array"}, False, dict(k=1)),
+        ("coffee.png", {"k": "3", "maps": "array"}, False, dict(k=3)),
+        ("chelsea.png", {"classes": "1,2", "maps": "array"}, True, dict(classes=[1, 2])),
+        ("coffee.png", {"classes": "999", "maps": "array"}, False, dict(classes=[999])),
+        ("coffee.png", {}, False, dict(k=1)),  # the defaults: top-1, PNG overlays of both methods
+        ("chelsea.png", {"k": "2", "maps": "array", "methods": "saliency"}, True, dict(k=2)),
+    ]
+    requests.get(url, timeout=60).raise_for_status()
+    answers = concurrently([lambda c=c: post(url, photo(c[0]), c[1], c[2]) for c in cases])
+    for (name, options, _, target), response in zip(cases, answers):
+        assert response.status_code == 200, response.text
+        got, want = response.json(), direct(name, **target)
+        assert got["classes"] == want.classes[0].tolist()
+        assert got["names"] == [zoo.imagenet_classes()[c] for c in got["classes"]]
+        probabilities = want.logits[0].softmax(-1)[want.classes[0]]
+        assert np.allclose(got["probabilities"], probabilities.tolist(), rtol=0, atol=1e-5)
+        if options.get("maps") != "array":
+            assert {m: len(v) for m, v in got["maps"].items()} == {"gradcam": 1, "saliency": 1}
+            continue
+        assert sorted(got["maps"]) == sorted(options.get("methods", "gradcam,saliency").split(","))
+        for method, maps in got["maps"].items():
+            expected = torch.round(want.maps[method][0].clamp(0, 1) * 255).numpy()
+            assert len(maps) == len(got["classes"])
+            for served, exact in zip(maps, expected):
+                pixels = array(served)
+                assert pixels.shape == (SIZE, SIZE)
+                assert np.abs(pixels.astype(float) - exact).max() <= 1  # one uint8 step: 1/255
+    assert max(a.json()["batch_size"] for a in answers) > 1
+
+
+def test_bad_requests_get_a_4xx_naming_the_problem_and_do_not_disturb_the_batch(url, direct):
+    truncated = photo("chelsea.png")[:2000]
+    big = io.BytesIO()
+    Image.new("RGB", (1000, 1000), (200, 30, 30)).save(big, format="PNG")  # a few kB, but 1M pixels
+    bad = [  # (body, options, multipart, status, words the message must hold)
+        (b"hello, I am not an image", {}, False, 400, ["not a readable image"]),
+        (truncated, {}, False, 400, ["not a readable image"]),
+        (truncated, {}, True, 400, ["not a readable image"]),
+        (photo("astronaut.png"), {}, False, 413, ["791555 bytes", "max_bytes"]),
+        (big.getvalue(), {}, False, 413, ["1000x1000", "max_pixels"]),
+        (photo("chelsea.png"), {"methods": "gradcam,gradcm"}, False, 400, ["'gradcm'", "gradcam, saliency"]),
+        (photo("chelsea.png"), {"classes": "5000"}, False, 400, ["5000", "0..999"]),
+        (photo("chelsea.png"), {"classes": "3"}, True, 200, []),  # a good one among them
+        (photo("chelsea.png"), {"k": "0"}, False, 400, ["k: 0", "1..5"]),
+        (photo("chelsea.png"), {"k": "6"}, True, 400, ["k: 6", "--max-k"]),
+        (photo("chelsea.png"), {"k": "two"}, False, 400, ["k:", "'two'"]),
+        (photo("coffee.png"), {"k": "2"}, False, 200, []),          # and another
+        (photo("chelsea.png"), {"k": "2", "classes": "3"}, False, 400, ["not both"]),
+        (photo("chelsea.png"), {"maps": "jpeg"}, False, 400, ["maps:", "png, array, none"]),
+        (photo("chelsea.png"), {"kk": "2"}, False, 400, ["unknown option 'kk'"]),
+        (b"", {}, False, 400, ["no image"]),
+    ]
+    answers = concurrently([lambda b=b: post(url, b[0], b[1], b[2]) for b in bad])
+    for (body, options, _, status, words), response in zip(bad, answers):
+        assert response.status_code == status, (options, response.text)
+        if status != 200:
+            message = response.json()["error"]
+            assert all(w in message for w in words), message
+    assert answers[7].json()["classes"] == [3]
+    assert answers[11].json()["classes"] == direct("coffee.png", k=2).classes[0].tolist()
+
+
+def test_png_maps_are_overlays_of_the_input_size(url):
+    response = post(url, photo("coffee.png"), {"k": "2", "maps": "png", "methods": "gradcam"})
+    assert response.status_code == 200, response.text
+    maps = response.json()["maps"]
+    assert list(maps) == ["gradcam"] and len(maps["gradcam"]) == 2
+    for encoded in maps["gradcam"]:
+        with Image.open(io.BytesIO(base64.b64decode(encoded))) as overlay:
+            assert (overlay.format, overlay.mode, overlay.size) == ("PNG", "RGB", (SIZE, SIZE))
+
+
+def test_get_root_reports_the_settings_and_other_paths_are_404(url):
+    settings = requests.get(url, timeout=60).json()
+    assert settings == {"backend": "eager", "model": "resnet18", "methods": ["gradcam", "saliency"], "max_k": 5,
+                        "num_classes": 1000, "input_size": SIZE, "named_classes": True, "max_batch_size": 8,
+                        "batch_wait_ms": 100.0, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}
+    assert requests.post(f"{url}/explainn", data=b"x", timeout=60).status_code == 404
+    assert requests.get(f"{url}/explain", timeout=60).status_code == 405
+
+
+def test_add_arguments_parses_the_serve_options():
+    parser = argparse.ArgumentParser()
+    fserve.add_arguments(parser)
+    args = parser.parse_args(["--model", "resnet50", "--onnx", "m.onnx", "--methods", "gradcam", "--compile",
+                              "--input-size", "160", "--max-k", "3", "--max-batch-size", "4", "--batch-wait-ms",
+                              "25", "--max-bytes", "1000", "--host", "0.0.0.0", "--port", "9000"])
+    assert (args.model, args.onnx, args.methods, args.compile, args.input_size, args.max_k) == (
+        "resnet50", Path("m.onnx"), "gradcam", True, 160, 3)
+    assert (args.max_batch_size, args.batch_wait_ms, args.max_bytes, args.host, args.port) == (
+        4, 25.0, 1000, "0.0.0.0", 9000)
+    defaults = parser.parse_args([])
+    assert (defaults.model, defaults.weights, defaults.onnx, defaults.compile, defaults.max_k) == (
+        "efficientnet_lite0", None, None, False, 5)
+    assert (defaults.max_batch_size, defaults.batch_wait_ms, defaults.max_bytes, defaults.port) == (
+        16, 10.0, 10_000_000, 8000)
+    assert set(fserve.DEFAULTS) <= set(vars(defaults))  # every app argument has its option
+
+
+def test_serve_run_string_arguments_are_converted_and_unknown_ones_refused():
+    options = fserve.app_options({"model": "resnet18", "max_batch_size": "16", "batch_wait_ms": "5",
+                                  "compile": "true", "methods": "saliency,gradcam", "weights": "none"})
+    assert (options["max_batch_size"], options["batch_wait_ms"], options["compile"], options["methods"],
+            options["weights"]) == (16, 5.0, True, ("saliency", "gradcam"), None)
+    with pytest.raises(ValueError, match="unknown argument 'max_batch'"):
+        fserve.app_options({"max_batch": "16"})
+    with pytest.raises(ValueError, match="max_batch_size='0'"):
+        fserve.app_options({"max_batch_size": "0"})
+    with pytest.raises(fastattr.FastattrError, match="'resnet18'"):
+        fserve.app_options({"model": "resnt18"})
+
+
+def test_the_config_file_is_a_valid_serve_config_for_this_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "fastattr.serve:app"
+    assert [d.name for d in application.deployments] == [fserve.DEPLOYMENT]
+    fserve.app_options(application.args)  # every argument is known and valid
