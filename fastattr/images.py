@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def _open_rgb(source, name: str):
             image.load()  # decode now, so a truncated file fails here and not later
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+        reason = re.sub(r"<_io\.BytesIO object at \w+>", "the data", str(exc))  # an upload's address says nothing
+        raise InputError(f"{name}: not a readable image ({type(exc).__name__}: {reason})") from None
 
 
 def _resize_crop(rgb, size: int) -> Tensor:

@@ -13,9 +13,7 @@ reported, and skipped, and the rest is explained. Each Parquet row holds `path`,
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,11 +50,11 @@ class ExplainBatch:
         decoded, errors = [], []
         for path, data in zip(batch["path"], batch["bytes"]):
             try:
-                decoded.append(_images.read(io.BytesIO(data), self.size))
+                decoded.append(_images.decode(data, self.size))
                 errors.append("")
             except InputError as exc:
                 decoded.append(None)
-                errors.append(f"{path!r}: " + re.sub(r"<_io\.BytesIO object at \w+>", path, str(exc).split(": ", 1)[-1]))
+                errors.append(f"{path!r}: {str(exc).split(': ', 1)[-1]}")
         good = [i for i, image in enumerate(decoded) if image is not None]
         n, k = len(decoded), self.k
         classes = np.full((n, k), -1, dtype=np.int64)

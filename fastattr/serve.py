@@ -418,7 +418,7 @@ class ExplainService:
         self.settings = {"backend": b.kind, "model": b.description, "methods": list(b.methods), "max_k": b.max_k,
                          "num_classes": b.num_classes, "input_size": b.input_size, "named_classes": b.takes_classes,
                          "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "max_bytes": max_bytes,
-                         "max_pixels": max_pixels}
+                         "max_pixels": max_pixels, "torch_threads": torch.get_num_threads()}
         log.info("fastattr: serving %s", self.settings)
 
     async def _explain_batch(self, items: list[tuple[Tensor, Spec]]) -> list[Answer]:
@@ -582,6 +582,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(application, name=DEPLOYMENT, route_prefix="/", blocking=False)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        serve.shutdown()
+        ray.shutdown()
+        return 130
     except Exception as exc:  # noqa: BLE001 - the replica's error (a bad layer, say), reported as it is
         print(f"fastattr: error: the server did not start: {_why_not_started(exc)}", file=sys.stderr)
         ray.shutdown()

@@ -353,6 +353,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("results", type=Path)
     c.add_argument("-o", "--output", type=Path, required=True)
     c.add_argument("--width", type=int, default=1200, help="in pixels (default 1200)")
+    s = sub.add_parser("serving", help="markdown table of a benchmarks/load_test.py results file")
+    s.add_argument("results", type=Path)
+    s.add_argument("--readme", type=Path, help="write the table into this file's bench:NAME block")
     m = sub.add_parser("compare", help="new/old images/s per (group, case); exit 1 on a regression")
     m.add_argument("old", type=Path)
     m.add_argument("new", type=Path)
@@ -361,11 +364,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def serving_table(data: dict) -> str:
+    """One row per load-test configuration: served against offline throughput, latency, lost or wrong answers."""
+    m = data["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} torch threads, {m['system']}; Python {m['python']}, torch "
+             f"{m['torch']}. Served: {data['runs'][0]['clients']} client threads on the same cores, loopback HTTP, "
+             "k=3 Grad-CAM, maps as uint8 arrays; offline: the same backend on batches of max_batch_size, "
+             "decoding included, no Ray or HTTP.", "",
+             "| model | input | backend | max batch | batch wait ms | mean batch | served images/s | offline images/s "
+             "| served / offline | p50 ms | p90 ms | p99 ms | overhead ms / request | errors | wrong |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["runs"]:
+        lines.append(f"| {r['model']} | {r['input_size']} | {r['backend']} | {r['max_batch_size']} | "
+                     f"{r['batch_wait_ms']:g} | {r['mean_batch_size']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{r['offline_images_per_s']:.1f} | {r['served_over_offline']:.2f} | {r['p50_ms']:.0f} | "
+                     f"{r['p90_ms']:.0f} | {r['p99_ms']:.0f} | {r['overhead_ms_per_request']:.1f} | {r['errors']} | "
+                     f"{r['wrong']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "table":
+    if args.command in ("table", "serving"):
         try:
-            text = report(load(args.results))
+            data = json.loads(args.results.read_text()) if args.command == "serving" else load(args.results)
+            text = serving_table(data) if args.command == "serving" else report(data)
         except ValueError as error:
             raise SystemExit(f"{args.results}: {error}") from None
         if args.readme is None:

@@ -180,7 +180,8 @@ def test_get_root_reports_the_settings_and_other_paths_are_404(url):
     settings = requests.get(url, timeout=60).json()
     assert settings == {"backend": "eager", "model": "resnet18", "methods": ["gradcam", "saliency"], "max_k": 5,
                         "num_classes": 1000, "input_size": SIZE, "named_classes": True, "max_batch_size": 8,
-                        "batch_wait_ms": 100.0, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}
+                        "batch_wait_ms": 100.0, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS,
+                        "torch_threads": 1}  # the replica reserves one Ray CPU, and Ray gives torch that many threads
     assert requests.post(f"{url}/explainn", data=b"x", timeout=60).status_code == 404
     assert requests.get(f"{url}/explain", timeout=60).status_code == 405
 

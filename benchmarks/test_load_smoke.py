@@ -1,0 +1,18 @@
+"""The serving load test in small, so that it cannot rot: every answer must come back and be right.
+(No figure from it is worth reading; the real run is `benchmarks/load_test.py`, see its docstring.)"""
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+
+def test_the_load_test_gets_every_answer_right_on_a_small_model(tmp_path):
+    import json
+
+    import load_test
+
+    out = tmp_path / "serving.json"
+    assert load_test.main(["--model", "resnet18", "--input-size", "32", "--clients", "4", "--requests", "8",
+                           "--max-batch-size", "4", "--time-limit", "120", "-o", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["requests"] == 8 and run["errors"] == 0 and run["wrong"] == 0
