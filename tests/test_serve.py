@@ -110,7 +110,9 @@ def test_concurrent_requests_are_batched_and_each_equals_a_direct_call_on_its_im
         ("coffee.png", {"classes": "999", "maps": "array"}, False, dict(classes=[999])),
         ("coffee.png", {}, False, dict(k=1)),  # the defaults: top-1, PNG overlays of both methods
         ("chelsea.png", {"k": "2", "maps": "array", "methods": "saliency"}, True, dict(k=2)),
-    ]
+        ("coffee.png", {"k": "5", "maps": "array", "methods": "gradcam"}, False, dict(k=5)),
+        ("chelsea.png", {"classes": "0,500,999", "maps": "array"}, False, dict(classes=[0, 500, 999])),
+    ]  # eight client threads
     requests.get(url, timeout=60).raise_for_status()
     answers = concurrently([lambda c=c: post(url, photo(c[0]), c[1], c[2]) for c in cases])
     for (name, options, _, target), response in zip(cases, answers):
