@@ -227,3 +227,20 @@ def test_the_config_file_is_a_valid_serve_config_for_this_app():
     assert application.import_path == "fastattr.serve:app"
     assert [d.name for d in application.deployments] == [fserve.DEPLOYMENT]
     fserve.app_options(application.args)  # every argument is known and valid
+
+
+def test_an_onnx_backend_answers_a_mixed_batch_as_direct_calls_do(weights, tmp_path):
+    # The ONNX backend's k is fixed by the file (3 here), and named classes need a with_classes export.
+    model = zoo.load_model("resnet18", weights)
+    path = fastattr.export_onnx(model, tmp_path / "r18.onnx", layer="layer4", methods=("gradcam",), k=3,
+                                input_shape=(3, SIZE, SIZE), with_classes=True)
+    backend = fserve.build_backend(onnx=str(path))
+    cat, cup = (images.read(EXAMPLES / name, SIZE) for name in ("chelsea.png", "coffee.png"))
+    specs = [fserve.parse_spec(params, backend) for params in ({"k": "2"}, {"classes": "5,7"}, {"k": "3"})]
+    answers = fserve.explain_batch(backend, list(zip((cat, cup, cup), specs)))
+    eager = fastattr.Explainer(model, layer="layer4")
+    for image, spec, answer in zip((cat, cup, cup), specs, answers):
+        target = dict(classes=list(spec.classes)) if spec.classes else dict(k=spec.k)
+        want = eager(images.normalize(image[None]), **target)
+        assert answer.classes.tolist() == want.classes[0].tolist() and answer.batch_size == 3
+        torch.testing.assert_close(answer.maps["gradcam"], want.maps["gradcam"][0], atol=1e-4, rtol=0)
