@@ -237,7 +237,7 @@ def report(data: dict) -> str:
 
 def replace_block(readme: str, name: str, text: str) -> str:
     """`readme` with the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` replaced by `text`
-    (the pattern of scripts/bench_table.py, whose version lives inside its main())."""
+    (scripts/bench_table.py uses it too)."""
     pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
     if not pattern.search(readme):
         raise ValueError(f"no block <!-- bench:{name} --> ... <!-- /bench:{name} --> to fill")

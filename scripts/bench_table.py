@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -65,13 +64,12 @@ def main() -> None:
     if args.readme is None:
         print(text, end="")
         return
-    name = args.results.stem
-    pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
-    readme = args.readme.read_text()
-    if not pattern.search(readme):
-        raise SystemExit(f"{args.readme}: no block <!-- bench:{name} --> ... <!-- /bench:{name} --> to fill")
-    args.readme.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), readme))
+    from bench_report import replace_block  # scripts/ is this script's own folder, first on sys.path
 
+    try:
+        args.readme.write_text(replace_block(args.readme.read_text(), args.results.stem, text))
+    except ValueError as error:
+        raise SystemExit(f"{args.readme}: {error}") from None
 
 if __name__ == "__main__":
     main()

@@ -174,11 +174,16 @@ def test_an_aoti_package_equals_eager(tmp_path):
     assert_same_explanation(program(x), fastattr.Explainer(model("resnet18"), layer="layer4")(x, k=2))
 
 
-@pytest.mark.parametrize("call,message", [
+# Inputs a 64x64, k=3 export without a classes input must refuse, and what it says: shared by the loaded
+# programs here and by OnnxExplainer (test_onnx.py), which check inputs alike.
+WRONG_INPUTS = [
     (lambda p: p(torch.zeros(2, 3, 32, 32)), r"this export takes \[N, 3, 64, 64\], got \[2, 3, 32, 32\]"),
     (lambda p: p(torch.zeros(2, 3, 64, 64, dtype=torch.float64)), r"takes torch.float32, got torch.float64"),
     (lambda p: p(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, dtype=torch.long)), r"this export picks the top-3 classes itself"),
-])
+]
+
+
+@pytest.mark.parametrize("call,message", WRONG_INPUTS)
 def test_a_program_refuses_inputs_it_was_not_exported_for(program_path, call, message):
     with pytest.raises(fastattr.InputError, match=message):
         call(fastattr.load_program(program_path))

@@ -16,7 +16,7 @@ from torch import nn
 
 import fastattr
 from models import ARCHS, images, model
-from test_compile import assert_same_explanation
+from test_compile import WRONG_INPUTS, assert_same_explanation
 
 # densenet121 passes but takes 391 s here (make_fx alone 70 s), too slow for CI (open in the ONNX issue);
 # its average-pooling gradient is covered by the tiny-net test below.
@@ -87,11 +87,7 @@ def test_concurrent_runs_equal_sequential_runs(exports):
         assert torch.equal(g.classes, w.classes) and torch.equal(g.maps["gradcam"], w.maps["gradcam"])
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda e: e(torch.zeros(2, 3, 32, 32)), r"this export takes \[N, 3, 64, 64\], got \[2, 3, 32, 32\]"),
-    (lambda e: e(torch.zeros(2, 3, 64, 64, dtype=torch.float64)), r"takes torch.float32, got torch.float64"),
-    (lambda e: e(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, dtype=torch.long)), r"picks the top-3 classes itself"),
-])
+@pytest.mark.parametrize("call,message", WRONG_INPUTS)
 def test_wrong_inputs_are_refused_with_the_expected_shape(exports, call, message):
     with pytest.raises(fastattr.InputError, match=message):
         call(fastattr.OnnxExplainer(exports("resnet18")))
