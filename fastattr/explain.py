@@ -32,6 +32,8 @@ class Explanation:
     layer:   the target layer's module path (None when only input methods ran).
     grads:   with `keep_grads=True`: "layer" -> `[N, K, C, h, w]` and/or "input" -> `[N, K, C, H, W]`,
              the raw gradients of each explained logit.
+    completeness: with "ig": `[N, K]`, the sum of Integrated Gradients' attributions minus
+             logit(image) - logit(baseline); 0 for the exact integral, so it measures the quadrature's error.
     """
 
     logits: Tensor
@@ -39,6 +41,7 @@ class Explanation:
     maps: dict[str, Tensor]
     layer: str | None
     grads: dict[str, Tensor] = field(default_factory=dict)
+    completeness: Tensor | None = None
 
 
 def _first(model: nn.Module, kind: type) -> nn.Module | None:
@@ -76,6 +79,17 @@ class Explainer:
             run eagerly, with a warning. Keep the K values and image sizes per explainer few.
         dtype: torch.bfloat16 or torch.float16 to run the model under autocast (maps and logits come back
             in the images' dtype); None runs in the model's own dtype.
+        samples, noise, seed: SmoothGrad's noisy copies per image, the noise's standard deviation as a
+            fraction of each image's value range (max - min), and the seed its standard-normal draw starts
+            from on every call (so an image explained twice gets the same map; None: torch's global RNG).
+            Pass `noise=` to a call to give the draw `[N, samples, C, H, W]` yourself.
+        steps, baseline: Integrated Gradients' Gauss-Legendre points on the path from `baseline` (a number,
+            or a tensor `[C, H, W]`) to the image, as captum's default method places them.
+
+    Methods reading the same tensors share one pass: any mix of the CAMs, "saliency" and "inputxgrad" costs one
+    forward and one K-class backward. "smoothgrad" adds a pass over `samples` noisy copies, "ig" one over
+    `steps` path points (each folded into the batch), and "guided"/"guided-gradcam" one through the
+    guided-ReLU graph.
 
     >>> explainer = fastattr.Explainer(model.eval(), layer="layer4", methods=("gradcam", "saliency"))
     >>> out = explainer(images, k=3)          # or classes=281, [281, 285], tensor[N] or tensor[N, K]
@@ -85,24 +99,28 @@ class Explainer:
     def __init__(self, model: nn.Module, layer: str | None = None, methods: str | Sequence[str] = ("gradcam",), *,
                  output: OutputSelector = None, upsample: bool = True, normalize: bool = True,
                  k_form: Literal["auto", "loop", "vmap"] = "auto", keep_grads: bool = False,
-                 compile: bool | dict = False, dtype: torch.dtype | None = None):
+                 compile: bool | dict = False, dtype: torch.dtype | None = None, samples: int = 16,
+                 noise: float = 0.15, seed: int | None = 0, steps: int = 32, baseline: float | Tensor = 0.0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if k_form not in ("auto", "loop", "vmap"):
             raise MethodError(f"k_form: expected 'auto', 'loop' or 'vmap', got {k_form!r}")
         self.model = model
         self.methods = _methods.resolve(methods)
-        wants_layer = any(_methods.METHODS[m].at == "layer" for m in self.methods)
-        self.wants_input = any(_methods.METHODS[m].at == "input" for m in self.methods)
-        if wants_layer:
+        self._reads = _methods.reads(self.methods)
+        if self._reads & {"acts", "acts_grads"}:
             self.layer = graph.default_layer(model) if layer is None else layer
             graph.get_layer(model, self.layer)
         else:
             self.layer = None
         self.split = graph.split(model, self.layer, output)
-        self._whole = graph.split(model, None, output).head
+        self._whole = graph.split(model, None, output)
+        self._guided = graph.guided(model, output) if "guided_grads" in self._reads else None
         self.upsample, self.normalize, self.keep_grads = upsample, normalize, keep_grads
-        self._grad_names = [n for n, on in (("layer", self.layer is not None), ("input", self.wants_input)) if on]
+        self._grad_names = [n for n, read in (("layer", "acts_grads"), ("input", "input_grads")) if read in self._reads]
+        self.samples, self.noise, self.seed = _count("samples", samples), _at_least_zero("noise", noise), seed
+        self.steps, self.baseline = _count("steps", steps), _baseline(baseline)
+        self._path = _methods.gauss_legendre(self.steps)
         self.k_form: graph.KForm = "loop" if k_form == "auto" else k_form
         self._stem = _first(model, nn.modules.conv._ConvNd)
         self._param = next(model.parameters(), None)
@@ -127,7 +145,8 @@ class Explainer:
         return (f"Explainer({type(self.model).__name__}, layer={self.layer!r}, methods={self.methods}, "
                 f"k_form={self.k_form!r}, traced={self.split.traced})")
 
-    def __call__(self, images: Tensor, classes: _targets.Classes = None, k: int | None = None) -> Explanation:
+    def __call__(self, images: Tensor, classes: _targets.Classes = None, k: int | None = None,
+                 noise: Tensor | None = None) -> Explanation:
         """Explain `images [N, C, H, W]` for `classes` (see `fastattr.targets`) or the top-`k` classes."""
         self._check_images(images)
         if self.model.training:
@@ -135,17 +154,25 @@ class Explainer:
                           "its running stats, and dropout is random; call model.eval() first", stacklevel=2)
         num_classes = self._count_classes(images)
         target = _targets.resolve(classes, k, images.shape[0], num_classes, images.device)
-        return self.run(images, target.classes, target.k)
+        if noise is not None:
+            self._check_noise(images, noise)
+        if "path_grads" in self._reads and isinstance(self.baseline, Tensor) \
+                and tuple(self.baseline.shape[-3:]) != tuple(images.shape[1:]):
+            raise InputError(f"baseline: shape {list(self.baseline.shape)} does not match the images "
+                             f"{list(images.shape[1:])}; give a baseline [C, H, W] of the images' size")
+        return self.run(images, target.classes, target.k, noise)
 
-    def run(self, images: Tensor, classes: Tensor | None, k: int) -> Explanation:
+    def run(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None) -> Explanation:
         """`__call__` without its checks: `classes [N, K]` (int64, on the images' device) or None for the
         top-`k`. Runs the compiled graph when the explainer was built with `compile=`."""
+        if "noisy_grads" in self._reads and noise is None:
+            noise = draw_noise(images, self.samples, self.seed)
         if self._compiled is None:
-            logits, classes, maps, grads = self._pure(images, classes, k)
+            logits, classes, maps, grads, completeness = self._pure(images, classes, k, noise)
         else:
-            logits, classes, maps, grads = self._run_compiled(images, classes, k)
+            logits, classes, maps, grads, completeness = self._run_compiled(images, classes, k, noise)
         return Explanation(logits, classes, dict(zip(self.methods, maps)), self.layer,
-                           dict(zip(self._grad_names, grads)))
+                           dict(zip(self._grad_names, grads)), completeness)
 
     def warmup(self, images: Tensor, classes: _targets.Classes = None, k: int | None = None) -> float:
         """Run once on `images` (compiling, when compiled, for that signature) and return the seconds it took.
@@ -156,17 +183,17 @@ class Explainer:
         self(images, classes=classes, k=k)
         return time.perf_counter() - start
 
-    def _run_compiled(self, images: Tensor, classes: Tensor | None, k: int):
+    def _run_compiled(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None):
         signature = (tuple(images.shape), images.dtype, str(images.device), k, classes is None)
         if signature in self._past_limit:
-            return self._pure(images, classes, k)
-        images, classes = graph.mark_batch_dynamic(images, classes)
+            return self._pure(images, classes, k, noise)
+        images, classes, noise = graph.mark_batch_dynamic(images, classes, noise)
         if signature in self.compile_seconds:
-            return self._compiled(images, classes, k)
+            return self._compiled(images, classes, k, noise)
         with self._lock:  # one compile per signature, even when threads arrive together
             start = time.perf_counter()
             try:
-                result = self._compiled(images, classes, k)
+                result = self._compiled(images, classes, k, noise)
             except Exception as exc:
                 if not _past_recompile_limit(exc):
                     raise
@@ -175,7 +202,7 @@ class Explainer:
                               f"({torch._dynamo.config.recompile_limit} graphs), so images {list(images.shape)}, "
                               f"k={k} run eagerly; keep the image sizes and K values per explainer few, or raise "
                               "torch._dynamo.config.recompile_limit", stacklevel=3)
-                return self._pure(images, classes, k)
+                return self._pure(images, classes, k, noise)
             if signature not in self.compile_seconds:
                 self.compile_seconds[signature] = seconds = time.perf_counter() - start
                 log.info("fastattr: first compiled call for images %s %s, k=%d took %.1f s (compiling, unless a graph "
@@ -183,24 +210,71 @@ class Explainer:
                          list(images.shape), images.dtype, k, seconds)
             return result
 
-    def _pure(self, images: Tensor, classes: Tensor | None, k: int):
+    def _pure(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None):
         """The attribution as one pure function of tensors: what torch.compile and the exporters see."""
         with torch.autocast(images.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
-            p = graph.forward_backward(self.split, images, classes, k, input_grads=self.wants_input,
-                                       k_form=self.k_form)
-        acts, acts_grads = p.acts.to(images.dtype), p.acts_grads.to(images.dtype)
-        input_grads = p.input_grads.to(images.dtype) if p.input_grads is not None else None
+            logits, classes, values, completeness = self._passes(images, classes, k, noise)
+        values = {name: v.to(images.dtype) if v is not None and v.is_floating_point() else v for name, v in values.items()}
         maps = []
         for name in self.methods:
             method = _methods.METHODS[name]
-            raw = method.fn(acts, acts_grads) if method.at == "layer" else method.fn(images, input_grads)
+            raw = method.fn(*(values[r] for r in method.reads))
             # Normalised at the method's own resolution, as the article does, then resized: the upsampled map is
             # exactly the article's map resized, and min / max run over h*w values instead of H*W.
             result = method.normalize(raw) if self.normalize else raw
-            maps.append(postprocess.upsample(result, images.shape[-2:]) if self.upsample else result)
-        raw_grads = {"layer": acts_grads, "input": input_grads}
+            result = postprocess.upsample(result, images.shape[-2:]) if self.upsample else result
+            maps.append(result.expand(-1, classes.shape[1], -1, -1))  # a map for every class: [N, 1, ...] -> K
+        raw_grads = {"layer": values["acts_grads"], "input": values["input_grads"]}
         grads = tuple(raw_grads[name] for name in self._grad_names) if self.keep_grads else ()
-        return p.logits.to(images.dtype), p.classes, tuple(maps), grads
+        completeness = completeness.to(images.dtype) if completeness is not None else None
+        return logits.to(images.dtype), classes, tuple(maps), grads, completeness
+
+    def _passes(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None):
+        """The passes the methods' reads call for, sharing what they can: (logits, classes, tensors by name,
+        IG's completeness error or None)."""
+        reads = self._reads
+        p = graph.forward_backward(self.split, images, classes, k, layer_grads="acts_grads" in reads,
+                                   input_grads="input_grads" in reads, k_form=self.k_form)
+        classes = p.classes
+        values = {"images": images, "acts": p.acts, "acts_grads": p.acts_grads, "input_grads": p.input_grads}
+        completeness = None
+        if "noisy_grads" in reads:
+            spread = self.noise * (images.amax((1, 2, 3)) - images.amin((1, 2, 3)))
+            points = images.unsqueeze(1) + spread.view(-1, 1, 1, 1, 1) * noise
+            values["noisy_grads"] = graph.grads_at(self._whole, points, classes, self.k_form)
+        if "path_grads" in reads:
+            baseline = self._baseline_like(images)
+            deltas = images - baseline
+            alphas, weights = (torch.tensor(v, dtype=images.dtype, device=images.device) for v in self._path)
+            points = baseline.unsqueeze(1) + alphas.view(1, -1, 1, 1, 1) * deltas.unsqueeze(1)
+            path = graph.grads_at(self._whole, points, classes, self.k_form)
+            values["deltas"], values["path_grads"] = deltas, (path * weights.view(1, -1, 1, 1, 1, 1)).sum(1)
+            with torch.no_grad():
+                baseline_logits = self._whole.head(baseline)
+            gains = p.logits.gather(1, classes) - baseline_logits.expand(len(images), -1).gather(1, classes)
+            completeness = _methods.completeness_error(deltas, values["path_grads"], gains)
+        if "guided_grads" in reads:
+            values["guided_grads"] = graph.forward_backward(self._guided, images, classes, k, input_grads=True,
+                                                            k_form=self.k_form).input_grads
+        return p.logits, classes, values, completeness
+
+    def _baseline_like(self, images: Tensor) -> Tensor:
+        """`[1, C, H, W]`: the baseline, as a constant of the graph."""
+        if isinstance(self.baseline, Tensor):
+            baseline = self.baseline.to(dtype=images.dtype, device=images.device)
+            return baseline.view(1, *baseline.shape[-3:])
+        return torch.full_like(images[:1], self.baseline)
+
+    def _check_noise(self, images: Tensor, noise: Tensor) -> None:
+        if "noisy_grads" not in self._reads:
+            raise InputError(f"noise: only SmoothGrad reads noise, and the methods are {self.methods}")
+        expected = (images.shape[0], self.samples, *images.shape[1:])
+        if not isinstance(noise, Tensor) or tuple(noise.shape) != expected:
+            got = list(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise InputError(f"noise: expected a standard-normal draw {list(expected)} [N, samples, C, H, W], got {got}")
+        if noise.dtype != images.dtype or noise.device != images.device:
+            raise InputError(f"noise: expected {images.dtype} on {images.device} like the images, got {noise.dtype} "
+                             f"on {noise.device}")
 
     def _check_images(self, images: Tensor) -> None:
         if not isinstance(images, Tensor):
@@ -238,19 +312,50 @@ class Explainer:
         probe = images[:1]
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-                return int(self._whole(mode.from_tensor(probe)).shape[1])
+                return int(self._whole.head(mode.from_tensor(probe)).shape[1])
         except FastattrError:
             raise
         except Exception:  # noqa: BLE001 - the real forward below reports what is wrong
             pass
         try:
             with torch.inference_mode():
-                return int(self._whole(probe).shape[1])
+                return int(self._whole.head(probe).shape[1])
         except FastattrError:
             raise
         except Exception as exc:
             raise InputError(f"images: {type(self.model).__name__} cannot run on shape {list(images.shape)}: "
                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def draw_noise(images: Tensor, samples: int, seed: int | None) -> Tensor:
+    """SmoothGrad's standard-normal draw `[N, samples, C, H, W]` for `images`, from `seed` (None: the global
+    RNG). Each image's draw depends only on the seed and its place in the batch."""
+    generator = torch.Generator(device=images.device).manual_seed(seed) if seed is not None else None
+    return torch.randn((images.shape[0], samples, *images.shape[1:]), generator=generator, dtype=images.dtype,
+                       device=images.device)
+
+
+def _count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MethodError(f"{name}: expected an int >= 1, got {value!r}")
+    return value
+
+
+def _at_least_zero(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise MethodError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _baseline(value: float | Tensor) -> float | Tensor:
+    if isinstance(value, Tensor):
+        if value.ndim not in (3, 4) or (value.ndim == 4 and value.shape[0] != 1):
+            raise MethodError(f"baseline: expected a number or a tensor [C, H, W] (one baseline for every image), "
+                              f"got shape {list(value.shape)}")
+        return value.detach()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MethodError(f"baseline: expected a number or a tensor [C, H, W], got {type(value).__name__}")
+    return float(value)
 
 
 def _past_recompile_limit(exc: BaseException) -> bool:

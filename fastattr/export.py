@@ -41,12 +41,12 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
 
     if with_classes:
         def attribution(images: Tensor, classes: Tensor):
-            logits, picked, maps, _ = explainer._pure(images, classes, k)
+            logits, picked, maps, _, _ = explainer._pure(images, classes, k)
             return (logits, picked, *maps)
         example_args = (example, torch.zeros(n, k, dtype=torch.long, device=param.device))
     else:
         def attribution(images: Tensor):
-            logits, picked, maps, _ = explainer._pure(images, None, k)
+            logits, picked, maps, _, _ = explainer._pure(images, None, k)
             return (logits, picked, *maps)
         example_args = (example,)
     meta = {"format": FORMAT, "methods": list(explainer.methods), "k": k, "layer": explainer.layer,

@@ -258,16 +258,21 @@ def _targets(logits: Tensor, classes: Tensor | None, k: int) -> tuple[Tensor, Te
     return classes, one_hot(classes, logits.shape[1], logits.dtype)
 
 
-def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *,
+def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *, layer_grads: bool = True,
                      input_grads: bool = False, k_form: KForm = "loop") -> Passes:
     """One forward through `s`, then d logit_c / d acts (and / d x) for K classes per image.
 
-    `classes` is `[N, K]` or None for the top-`k` classes of each image. A pure function of its tensor
-    arguments: it is what `torch.compile` and the exporters see.
+    `classes` is `[N, K]` or None for the top-`k` classes of each image. With neither `layer_grads` nor
+    `input_grads`, the forward alone runs (`acts_grads` is None). A pure function of its tensor arguments:
+    it is what `torch.compile` and the exporters see.
     """
     if not s.traced:
         return _hooked_forward_backward(s, x, classes, k, input_grads=input_grads)
     with torch.no_grad():
+        if not (layer_grads or input_grads):
+            acts, *carried = s.trunk(x)
+            logits = s.head(acts, *carried)
+            return Passes(logits, _targets(logits, classes, k)[0], acts, None, None)
         if input_grads and s.layer is not None:
             return _through_trunk(s, x, classes, k, k_form)
         acts, *carried = s.trunk(x)
@@ -277,6 +282,15 @@ def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *,
         if input_grads:  # split at the input: the layer is the input
             return Passes(logits, classes, acts, acts_grads, acts_grads)
         return Passes(logits, classes, acts, acts_grads, None)
+
+
+def grads_at(s: Split, points: Tensor, classes: Tensor, k_form: KForm = "loop") -> Tensor:
+    """`[N, S, K, C, H, W]`: d logit / d input at S points per image (`points [N, S, C, H, W]`) for the
+    image's classes `[N, K]`. The points fold into the batch: one forward of N*S inputs, K backwards."""
+    n, count = points.shape[:2]
+    p = forward_backward(s, points.flatten(0, 1), classes.repeat_interleave(count, 0), classes.shape[1],
+                         input_grads=True, k_form=k_form)
+    return p.input_grads.unflatten(0, (n, count))
 
 
 def _differentiable(values: tuple[Any, ...]) -> list[int]:
@@ -315,6 +329,76 @@ def _through_trunk(s: Split, x: Tensor, classes: Tensor | None, k: int, k_form: 
     classes, cotangents = _targets(logits, classes, k)
     acts_grads, input_grads = _per_class(backward, cotangents, k_form)
     return Passes(logits, classes, acts, acts_grads, input_grads)
+
+
+# --- a modified backward rule, inside the traced graph ------------------------------------------------------
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU forward; backward passes a gradient only where it and the ReLU's output are positive (guided
+    backpropagation). An autograd.Function, so torch.func, torch.compile and make_fx all see the rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (output,) = ctx.saved_tensors
+        return grad.clamp_min(0) * (output > 0).to(grad.dtype)
+
+
+def guided_relu(x: Tensor) -> Tensor:
+    return _GuidedReLU.apply(x)
+
+
+_RELU_FUNCTIONS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu_}
+
+
+def _relu_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """"inplace" or "relu" for a ReLU node, else None."""
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU:
+        return "inplace" if gm.get_submodule(node.target).inplace else "relu"
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        inplace = node.target in (torch.relu_, torch.nn.functional.relu_) or node.kwargs.get("inplace") \
+            or (len(node.args) > 1 and node.args[1] is True)
+        return "inplace" if inplace else "relu"
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "inplace" if node.target == "relu_" else "relu"
+    return None
+
+
+def guided(model: nn.Module, output: OutputSelector = None) -> Split:
+    """The whole model as a Split at the input whose every ReLU (module, function or method) has the guided
+    backward rule. The model is traced with torch.fx, not hooked, and left as it is."""
+    select = _selector(output)
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001
+        raise LayerError(f"methods: guided backpropagation rewrites the ReLUs of a torch.fx trace, and torch.fx "
+                         f"cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); use another method") from exc
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        kind = _relu_kind(gm, node)
+        if kind is None:
+            continue
+        (source,) = node.args[:1]
+        with gm.graph.inserting_after(node):
+            rule = gm.graph.call_function(guided_relu, (source,))
+        node.replace_all_uses_with(rule)
+        # An in-place ReLU also changed its input for every later reader; those now read the rule's output.
+        for user in list(source.users) if kind == "inplace" else ():
+            if user is not node and user is not rule and order.get(user, -1) > order[node]:
+                user.replace_input_with(source, rule)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return Split(model, None, lambda x: (x,), lambda x: _check_logits(select(gm(x)), model, output), True)
 
 
 # --- the eager path for models torch.fx cannot trace ---------------------------------------------------

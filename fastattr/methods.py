@@ -1,49 +1,226 @@
 """Attribution methods as pure functions of tensors, and the registry that names them.
 
-Shapes are batch first: `acts [N, C, h, w]` and `grads [N, K, C, h, w]` (K explained classes) give a
-map `[N, K, h, w]`. A method at the input takes the images and their gradients in the same layout.
-A method touches no hooks, devices, batching, resizing or normalisation.
+A method reads some of what the passes produce, batch first, with K explained classes:
+
+    acts          [N, C, h, w]          the target layer's output
+    acts_grads    [N, K, C, h, w]       d logit_k / d acts
+    images        [N, C, H, W]
+    input_grads   [N, K, C, H, W]       d logit_k / d images
+    noisy_grads   [N, S, K, C, H, W]    input gradients at S noisy copies of each image (SmoothGrad)
+    deltas        [N, C, H, W]          images - baseline (Integrated Gradients)
+    path_grads    [N, K, C, H, W]       the input gradient integrated along baseline -> image, by quadrature
+    guided_grads  [N, K, C, H, W]       input gradients with the guided ReLU backward rule
+
+and returns a map `[N, K, h, w]` (layer methods) or `[N, K, H, W]` (input methods); a map `[N, 1, ...]`
+holds for every class. A method touches no hooks, devices or batching; which passes run is decided by the
+union of what the chosen methods read (`Method.reads`), so methods that read the same tensors share a pass.
+
+Input-gradient maps reduce channels as the article's saliency does, sum_c |.|, for every gradient method.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
+import torch
 from torch import Tensor
 
 from . import postprocess
 from .errors import MethodError
 
 
-def gradcam(acts: Tensor, grads: Tensor) -> Tensor:
+def _cam(weights: Tensor, acts: Tensor) -> Tensor:
+    """ReLU(sum_c weights_c * A_c), the form every CAM shares; `weights` is `[N, K, C, 1, 1]` or `[N, K, C, h, w]`."""
+    return (weights * acts.unsqueeze(1)).sum(-3).relu()
+
+
+def _spatial_sum(t: Tensor) -> Tensor:
+    return t.sum((-2, -1), keepdim=True)
+
+
+# --- CAMs at a layer ------------------------------------------------------------------------------------
+
+def gradcam(acts: Tensor, acts_grads: Tensor) -> Tensor:
     """Grad-CAM (Selvaraju et al., 2017): ReLU(sum_c mean_ij(dy/dA_c) * A_c).
 
     >>> gradcam(torch.ones(1, 2, 3, 3), torch.ones(1, 1, 2, 3, 3)).shape  # doctest: +SKIP
     torch.Size([1, 1, 3, 3])
     """
-    return (grads.mean((-2, -1), keepdim=True) * acts.unsqueeze(1)).sum(-3).relu()
+    return _cam(acts_grads.mean((-2, -1), keepdim=True), acts)
 
 
-def saliency(images: Tensor, grads: Tensor) -> Tensor:
+def gradcam_plus_plus(acts: Tensor, acts_grads: Tensor) -> Tensor:
+    """Grad-CAM++ (Chattopadhay et al., 2018, eq. 19 with the exponential output's derivatives):
+    alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab A_ab g_ij^3), weights_c = sum_ij alpha_ij ReLU(g_ij).
+
+    Where the denominator is 0 (then g_ij = 0 too, except on a measure-zero set) alpha is 0.
+    """
+    g2 = acts_grads.square()
+    denominator = 2 * g2 + _spatial_sum(acts).unsqueeze(1) * g2 * acts_grads
+    alpha = g2 / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return _cam(_spatial_sum(alpha * acts_grads.relu()), acts)
+
+
+def xgradcam(acts: Tensor, acts_grads: Tensor) -> Tensor:
+    """XGrad-CAM (Fu et al., 2020): weights_c = sum_ij (A_ij / sum_ab A_ab) g_ij; a channel whose
+    activations sum to 0 gets weight 0."""
+    a = acts.unsqueeze(1)
+    total = _spatial_sum(a)
+    return _cam(_spatial_sum(a * acts_grads) / torch.where(total == 0, torch.ones_like(total), total), acts)
+
+
+def hirescam(acts: Tensor, acts_grads: Tensor) -> Tensor:
+    """HiResCAM (Draelos & Carin, 2020): ReLU(sum_c g_c * A_c), the gradient kept per position."""
+    return _cam(acts_grads, acts)
+
+
+def gradcam_elementwise(acts: Tensor, acts_grads: Tensor) -> Tensor:
+    """Element-wise Grad-CAM (as pytorch-grad-cam's GradCAMElementWise): sum_c ReLU(g_c * A_c)."""
+    return (acts_grads * acts.unsqueeze(1)).relu().sum(-3)
+
+
+def layercam(acts: Tensor, acts_grads: Tensor) -> Tensor:
+    """LayerCAM (Jiang et al., 2021): ReLU(sum_c ReLU(g_c) * A_c)."""
+    return _cam(acts_grads.relu(), acts)
+
+
+def _top_eigenvector(gram: Tensor, squarings: int = 12) -> Tensor:
+    """The unit eigenvector of the largest eigenvalue of symmetric PSD `gram [N, d, d]`.
+
+    Repeated squaring (gram^(2^12), rescaled by its trace each time) leaves a rank-one v v^T whenever the top
+    eigenvalue exceeds the next by more than 1 part in ~600; its column of largest diagonal is then along v.
+    Only MatMul, ArgMax and Gather: compiles and exports to ONNX, which has no SVD or eigensolver.
+    """
+    tiny = torch.finfo(gram.dtype).tiny
+    power = gram
+    for _ in range(squarings):
+        power = power / power.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(tiny)
+        power = power @ power
+    column = power.diagonal(dim1=-2, dim2=-1).argmax(-1)
+    vector = power.gather(-1, column[:, None, None].expand(-1, power.shape[1], 1)).squeeze(-1)
+    return vector / vector.norm(dim=-1, keepdim=True).clamp_min(tiny)
+
+
+def principal_projection(acts: Tensor) -> Tensor:
+    """`[N, h, w]`: each position's centred activation vector projected on the first principal component
+    of the positions (pytorch-grad-cam's `get_2d_projection`), the component's sign chosen so that the
+    projection correlates positively with the channel-summed activation (SVD's sign is arbitrary)."""
+    n, c, h, w = acts.shape
+    rows = acts.flatten(2).transpose(1, 2)  # [N, hw, C]
+    rows = rows - rows.mean(1, keepdim=True)
+    if h * w <= c:  # the smaller Gram matrix has the same top component: v = rows^T u / |rows^T u|
+        component = (rows.transpose(1, 2) @ _top_eigenvector(rows @ rows.transpose(1, 2)).unsqueeze(-1)).squeeze(-1)
+        component = component / component.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(acts.dtype).tiny)
+    else:
+        component = _top_eigenvector(rows.transpose(1, 2) @ rows)
+    projection = (rows @ component.unsqueeze(-1)).squeeze(-1)  # [N, hw]
+    agreement = (projection * acts.sum(1).flatten(1)).sum(-1, keepdim=True)
+    return (projection * torch.where(agreement < 0, -1.0, 1.0).to(acts.dtype)).view(n, h, w)
+
+
+def eigencam(acts: Tensor) -> Tensor:
+    """Eigen-CAM (Muhammad & Yeasin, 2020): ReLU of the activations' first principal component, the same
+    map for every class (gradient-free). Returns `[N, 1, h, w]`."""
+    return principal_projection(acts).relu().unsqueeze(1)
+
+
+# --- gradients at the input -----------------------------------------------------------------------------
+
+def _channel_abs_sum(attribution: Tensor) -> Tensor:
+    return attribution.abs().sum(-3)
+
+
+def saliency(input_grads: Tensor) -> Tensor:
     """Vanilla-gradient saliency (Simonyan et al., 2014): sum_c |dy/dx_c|."""
-    del images
-    return grads.abs().sum(-3)
+    return _channel_abs_sum(input_grads)
 
+
+def input_x_gradient(images: Tensor, input_grads: Tensor) -> Tensor:
+    """Input x Gradient (Shrikumar et al., 2016): sum_c |x_c * dy/dx_c|."""
+    return _channel_abs_sum(images.unsqueeze(1) * input_grads)
+
+
+def smoothgrad(noisy_grads: Tensor) -> Tensor:
+    """SmoothGrad (Smilkov et al., 2017) over saliency: the mean over S noisy copies of sum_c |dy/dx_c|."""
+    return _channel_abs_sum(noisy_grads).mean(1)
+
+
+def integrated_gradients(deltas: Tensor, path_grads: Tensor) -> Tensor:
+    """Integrated Gradients (Sundararajan et al., 2017): sum_c |(x - x') * integral_0^1 dy/dx(x' + a(x - x')) da|."""
+    return _channel_abs_sum(deltas.unsqueeze(1) * path_grads)
+
+
+def gauss_legendre(steps: int) -> tuple[list[float], list[float]]:
+    """Integrated Gradients' path points in (0, 1) and their weights (summing to 1): the Gauss-Legendre rule,
+    placed as captum's default method places it."""
+    import numpy as np
+
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    return ((nodes + 1) / 2).tolist(), (weights / 2).tolist()
+
+
+def completeness_error(deltas: Tensor, path_grads: Tensor, gains: Tensor) -> Tensor:
+    """`[N, K]`: IG's attributions summed over the input minus `gains = y(x) - y(x')`; 0 for the exact integral."""
+    return (deltas.unsqueeze(1) * path_grads).sum((-3, -2, -1)) - gains
+
+
+def guided_backprop(guided_grads: Tensor) -> Tensor:
+    """Guided Backpropagation (Springenberg et al., 2015): sum_c |guided dy/dx_c|, every ReLU passing back
+    only positive gradients where its input was positive."""
+    return _channel_abs_sum(guided_grads)
+
+
+def guided_gradcam(acts: Tensor, acts_grads: Tensor, guided_grads: Tensor) -> Tensor:
+    """Guided Grad-CAM (Selvaraju et al., 2017): Grad-CAM resized bilinearly to the input, times guided
+    backpropagation, sum_c |.| (the Grad-CAM factor is >= 0, so it leaves the channel sum)."""
+    return postprocess.upsample(gradcam(acts, acts_grads), guided_grads.shape[-2:]) * guided_backprop(guided_grads)
+
+
+# --- the registry ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Method:
-    fn: Callable[[Tensor, Tensor], Tensor]
-    at: Literal["layer", "input"]
+    fn: Callable[..., Tensor]
+    reads: tuple[str, ...]            # names of the tensors above, passed positionally
+    at: Literal["layer", "input"]     # the map's resolution: the layer's (upsampled on request) or the input's
     normalize: Callable[[Tensor], Tensor]
 
 
-# Each method keeps the normalisation of the article's implementation, so normalised maps equal the
-# oracle's exactly (the two differ in where eps goes).
+_CAM = ("acts", "acts_grads")
+
+
+def _cam_method(fn: Callable[..., Tensor]) -> Method:
+    return Method(fn, _CAM, "layer", postprocess.minmax_clamped)
+
+
+def _input_method(fn: Callable[..., Tensor], *reads: str) -> Method:
+    return Method(fn, reads, "input", postprocess.minmax_shifted)
+
+
+# Grad-CAM and saliency keep the article's normalisations, so their maps equal the oracle's exactly (the two
+# differ in where eps goes); the other CAMs follow Grad-CAM's and the other gradient maps saliency's.
 METHODS: dict[str, Method] = {
-    "gradcam": Method(gradcam, "layer", postprocess.minmax_clamped),
-    "saliency": Method(saliency, "input", postprocess.minmax_shifted),
+    "gradcam": _cam_method(gradcam),
+    "gradcam++": _cam_method(gradcam_plus_plus),
+    "xgradcam": _cam_method(xgradcam),
+    "hirescam": _cam_method(hirescam),
+    "layercam": _cam_method(layercam),
+    "gradcam-elementwise": _cam_method(gradcam_elementwise),
+    "eigencam": Method(eigencam, ("acts",), "layer", postprocess.minmax_clamped),
+    "saliency": _input_method(saliency, "input_grads"),
+    "inputxgrad": _input_method(input_x_gradient, "images", "input_grads"),
+    "smoothgrad": _input_method(smoothgrad, "noisy_grads"),
+    "ig": _input_method(integrated_gradients, "deltas", "path_grads"),
+    "guided": _input_method(guided_backprop, "guided_grads"),
+    "guided-gradcam": _input_method(guided_gradcam, "acts", "acts_grads", "guided_grads"),
 }
+
+
+def reads(names: tuple[str, ...]) -> frozenset[str]:
+    """Every tensor the named methods read: what the passes must produce."""
+    return frozenset(r for name in names for r in METHODS[name].reads)
 
 
 def resolve(names: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
