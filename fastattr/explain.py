@@ -251,7 +251,7 @@ class Explainer:
             values["deltas"], values["path_grads"] = deltas, (path * weights.view(1, -1, 1, 1, 1, 1)).sum(1)
             with torch.no_grad():
                 baseline_logits = self._whole.head(baseline)
-            gains = p.logits.gather(1, classes) - baseline_logits.expand(len(images), -1).gather(1, classes)
+            gains = p.logits.gather(1, classes) - baseline_logits.expand(images.shape[0], -1).gather(1, classes)
             completeness = _methods.completeness_error(deltas, values["path_grads"], gains)
         if "guided_grads" in reads:
             values["guided_grads"] = graph.forward_backward(self._guided, images, classes, k, input_grads=True,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import graph, targets
 from .errors import ExportError, InputError
-from .explain import Explainer, Explanation
+from .explain import Explainer, Explanation, draw_noise
 
 FORMAT = "fastattr-program/1"
 _EXTRA = "fastattr.json"
@@ -33,27 +33,31 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     shape = tuple(int(s) for s in input_shape[-3:])
     # The tracer gives equal sizes one symbol, so an example batch equal to K, a channel count or the image
     # size would be specialised along with it (and N = 1 always is): take a batch size equal to none.
-    n = next(n for n in (5, 7, 11, 13, 17) if n not in (k, *shape))
+    n = next(n for n in (5, 7, 11, 13, 17, 19, 23) if n not in (k, *shape, explainer.samples, explainer.steps))
     example = torch.randn(n, *shape, dtype=param.dtype, device=param.device)
     explainer._check_images(example)
     num_classes = explainer._count_classes(example)
     targets.resolve(None, k, n, num_classes, example.device)  # checks k as every entry point does
 
+    smooth, integrated = "noisy_grads" in explainer._reads, "path_grads" in explainer._reads
+
+    def attribution(images: Tensor, *rest: Tensor):
+        classes = rest[0] if with_classes else None
+        noise = rest[-1] if smooth else None
+        logits, picked, maps, _, completeness = explainer._pure(images, classes, k, noise)
+        return (logits, picked, *maps, *((completeness,) if integrated else ()))
+
+    example_args = (example,)
     if with_classes:
-        def attribution(images: Tensor, classes: Tensor):
-            logits, picked, maps, _, _ = explainer._pure(images, classes, k)
-            return (logits, picked, *maps)
-        example_args = (example, torch.zeros(n, k, dtype=torch.long, device=param.device))
-    else:
-        def attribution(images: Tensor):
-            logits, picked, maps, _, _ = explainer._pure(images, None, k)
-            return (logits, picked, *maps)
-        example_args = (example,)
+        example_args += (torch.zeros(n, k, dtype=torch.long, device=param.device),)
+    if smooth:
+        example_args += (torch.randn(n, explainer.samples, *shape, dtype=param.dtype, device=param.device),)
     meta = {"format": FORMAT, "methods": list(explainer.methods), "k": k, "layer": explainer.layer,
             "input_shape": list(shape), "dtype": str(param.dtype).removeprefix("torch."),
             "num_classes": num_classes, "with_classes": with_classes,
-            "inputs": ["images", "class_indices"] if with_classes else ["images"],
-            "outputs": ["logits", "classes", *explainer.methods]}
+            "inputs": ["images", *(["class_indices"] if with_classes else []), *(["noise"] if smooth else [])],
+            "outputs": ["logits", "classes", *explainer.methods, *(["completeness"] if integrated else [])],
+            "samples": explainer.samples, "seed": explainer.seed, "noise": explainer.noise, "steps": explainer.steps}
     return attribution, example_args, meta
 
 
@@ -121,7 +125,30 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
     return path
 
 
-def _check_inputs(meta: dict, images: Tensor, classes: Tensor | None) -> tuple[Tensor, ...]:
+def _check_inputs(meta: dict, images: Tensor, classes: Tensor | None, noise: Tensor | None) -> tuple[Tensor, ...]:
+    """The graph's inputs: the images, the classes when it takes them, and SmoothGrad's draw when it reads one
+    (drawn from the export's seed unless given)."""
+    args = _images_and_classes(meta, images, classes)
+    if "noise" not in meta["inputs"]:
+        if noise is not None:
+            raise InputError(f"noise: only SmoothGrad reads noise, and this export's methods are {meta['methods']}")
+        return args
+    expected = (images.shape[0], meta["samples"], *images.shape[1:])
+    if noise is None:
+        return (*args, draw_noise(images, meta["samples"], meta["seed"]))
+    if not isinstance(noise, Tensor) or tuple(noise.shape) != expected or noise.dtype != images.dtype:
+        got = f"{list(noise.shape)} {noise.dtype}" if isinstance(noise, Tensor) else type(noise).__name__
+        raise InputError(f"noise: this export takes a standard-normal draw {list(expected)} {images.dtype}, got {got}")
+    return (*args, noise)
+
+
+def _explanation(meta: dict, outputs: list[Tensor]) -> Explanation:
+    logits, picked, *rest = outputs
+    completeness = rest.pop() if "completeness" in meta["outputs"] else None
+    return Explanation(logits, picked, dict(zip(meta["methods"], rest)), meta["layer"], completeness=completeness)
+
+
+def _images_and_classes(meta: dict, images: Tensor, classes: Tensor | None) -> tuple[Tensor, ...]:
     shape, k = tuple(meta["input_shape"]), meta["k"]
     if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != shape:
         got = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -163,11 +190,10 @@ class Program:
     def __repr__(self) -> str:
         return f"Program({str(self.path)!r}, methods={self.methods}, k={self.k}, layer={self.meta['layer']!r})"
 
-    def __call__(self, images: Tensor, classes: Tensor | None = None) -> Explanation:
-        args = _check_inputs(self.meta, images, classes)
+    def __call__(self, images: Tensor, classes: Tensor | None = None, noise: Tensor | None = None) -> Explanation:
+        args = _check_inputs(self.meta, images, classes, noise)
         with torch.inference_mode():
-            logits, picked, *maps = self._run(*args)
-        return Explanation(logits, picked, dict(zip(self.methods, maps)), self.meta["layer"])
+            return _explanation(self.meta, list(self._run(*args)))
 
 
 def load_program(path: str | Path) -> Program:
@@ -230,8 +256,7 @@ class OnnxExplainer:
     def __repr__(self) -> str:
         return f"OnnxExplainer({str(self.path)!r}, methods={self.methods}, k={self.k}, layer={self.meta['layer']!r})"
 
-    def __call__(self, images: Tensor, classes: Tensor | None = None) -> Explanation:
-        args = _check_inputs(self.meta, images, classes)
+    def __call__(self, images: Tensor, classes: Tensor | None = None, noise: Tensor | None = None) -> Explanation:
+        args = _check_inputs(self.meta, images, classes, noise)
         feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.meta["inputs"], args)}
-        logits, picked, *maps = (torch.from_numpy(a) for a in self.session.run(self.meta["outputs"], feeds))
-        return Explanation(logits, picked, dict(zip(self.methods, maps)), self.meta["layer"])
+        return _explanation(self.meta, [torch.from_numpy(a) for a in self.session.run(self.meta["outputs"], feeds)])

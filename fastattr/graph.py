@@ -288,7 +288,7 @@ def grads_at(s: Split, points: Tensor, classes: Tensor, k_form: KForm = "loop") 
     """`[N, S, K, C, H, W]`: d logit / d input at S points per image (`points [N, S, C, H, W]`) for the
     image's classes `[N, K]`. The points fold into the batch: one forward of N*S inputs, K backwards."""
     n, count = points.shape[:2]
-    p = forward_backward(s, points.flatten(0, 1), classes.repeat_interleave(count, 0), classes.shape[1],
+    p = forward_backward(s, points.flatten(0, 1), classes.unsqueeze(1).expand(-1, count, -1).flatten(0, 1), classes.shape[1],
                          input_grads=True, k_form=k_form)
     return p.input_grads.unflatten(0, (n, count))
 

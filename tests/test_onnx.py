@@ -206,3 +206,22 @@ def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(ex
     # The one left is the classifier's weight transposed for the backward: folding it would store the
     # 512 x 1000 weight a second time.
     assert foldable == [("Transpose", [512 * 1000])]
+
+
+def test_every_method_exports_to_one_file_whose_outputs_equal_the_torch_path(tmp_path):
+    # SmoothGrad's noise is an input of the graph ("noise", [N, samples, C, H, W]); OnnxExplainer draws it from
+    # the export's seed as the Explainer does, or takes it from the caller.
+    names = tuple(fastattr.METHODS)
+    options = dict(layer="layer4", methods=names, samples=2, steps=2)
+    path = fastattr.export_onnx(model("resnet18"), tmp_path / "all.onnx", k=2, input_shape=(3, 64, 64), **options)
+    explainer = fastattr.OnnxExplainer(path)
+    assert explainer.meta["inputs"] == ["images", "noise"]
+    assert explainer.meta["outputs"] == ["logits", "classes", *names, "completeness"]
+    eager = fastattr.Explainer(model("resnet18"), **options)
+    for n in (1, 3):
+        x = images(n, seed=30 + n)
+        got, want = explainer(x), eager(x, k=2)
+        assert_same_explanation(got, want)
+        torch.testing.assert_close(got.completeness, want.completeness, rtol=1e-3, atol=1e-3)
+    noise = torch.randn(1, 2, 3, 64, 64)
+    assert_same_explanation(explainer(images(1), noise=noise), eager(images(1), k=2, noise=noise))
