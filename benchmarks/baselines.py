@@ -87,3 +87,19 @@ def grad_cam_package(cam, model: nn.Module, x: Tensor, k: int) -> list:
 
     classes = top_classes(model, x, k)
     return [cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes[:, j]]) for j in range(k)]
+
+
+def captum_smoothgrad(model: nn.Module, x: Tensor, samples: int, stdev: float) -> Tensor:
+    """captum's NoiseTunnel over Saliency (SmoothGrad) for the top-1 class, all samples in one batch."""
+    from captum.attr import NoiseTunnel, Saliency
+
+    return NoiseTunnel(Saliency(model)).attribute(x, nt_type="smoothgrad", nt_samples=samples, stdevs=stdev,
+                                                  target=top_classes(model, x, 1)[:, 0])
+
+
+def captum_integrated_gradients(model: nn.Module, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """captum's IntegratedGradients (Gauss-Legendre, baseline 0) for the top-1 class, with its convergence delta."""
+    from captum.attr import IntegratedGradients
+
+    return IntegratedGradients(model).attribute(x, target=top_classes(model, x, 1)[:, 0], n_steps=steps,
+                                                method="gausslegendre", return_convergence_delta=True)

@@ -1,7 +1,8 @@
 """The `fastattr` command line.
 
     fastattr explain IMAGE_OR_FOLDER... [--model NAME|FILE] [--weights FILE] [--layer L] [--methods gradcam,saliency]
-        [--k 3] [--batch-size B] [--device cpu|cuda] [--compile] [--onnx FILE]
+        [--k 3] [--batch-size B] [--device cpu|cuda] [--compile] [--onnx FILE] [--samples 16] [--noise 0.15]
+        [--steps 32]
         [--ray [--address ADDR] [--workers N]] -o OUTDIR
     fastattr layers MODEL
     fastattr export --model resnet18 [--weights FILE] --layer layer4 --methods gradcam,saliency --k 5 \\
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .methods import METHODS
+
+METHOD_NAMES = tuple(METHODS)
 
 def load_model(name: str, weights: Path | None) -> torch.nn.Module:
     """`fastattr.zoo.load_model`, with its errors as command-line errors (exit status 2)."""
@@ -28,6 +32,17 @@ def load_model(name: str, weights: Path | None) -> torch.nn.Module:
         return zoo.load_model(name, weights)
     except FastattrError as exc:
         raise SystemExit(_usage_error(str(exc))) from None
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    return {"samples": args.samples, "noise": args.noise, "steps": args.steps}
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", type=int, default=16, help="smoothgrad: noisy copies per image (default 16)")
+    parser.add_argument("--noise", type=float, default=0.15,
+                        help="smoothgrad: noise std as a fraction of each image's value range (default 0.15)")
+    parser.add_argument("--steps", type=int, default=32, help="ig: Gauss-Legendre points on the path (default 32)")
 
 
 def _usage_error(message: str) -> int:
@@ -41,7 +56,8 @@ def export(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.weights)
     methods = tuple(m for m in args.methods.split(",") if m)
     shape = (3, args.input_size, args.input_size)
-    common = dict(layer=args.layer, methods=methods, k=args.k, input_shape=shape, with_classes=args.with_classes)
+    common = dict(layer=args.layer, methods=methods, k=args.k, input_shape=shape, with_classes=args.with_classes,
+                  **_method_options(args))
     try:
         if args.format == "onnx":
             path = fastattr.export_onnx(model, args.output, **common)
@@ -75,7 +91,7 @@ def _explainer(args: argparse.Namespace):
         raise fastattr.InputError("--device cuda: torch sees no CUDA device here; use --device cpu")
     model = load_model(args.model, args.weights).to(args.device)
     layer = args.layer or zoo.default_layer(args.model, model)
-    explainer = fastattr.Explainer(model, layer=layer, methods=methods, compile=args.compile)
+    explainer = fastattr.Explainer(model, layer=layer, methods=methods, compile=args.compile, **_method_options(args))
     k = 3 if args.k is None else args.k
     return (lambda images: explainer(images, k=k)), args.input_size, None
 
@@ -151,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                          "export: a .pt2 program (fastattr export --format pt2) or an .onnx file")
     xp.add_argument("--weights", type=Path, help="a state-dict file for a torchvision model (else random weights)")
     xp.add_argument("--layer", help="target layer by module path (default: the model's last feature map)")
-    xp.add_argument("--methods", default="gradcam,saliency", help="comma-separated method names")
+    xp.add_argument("--methods", default="gradcam,saliency",
+                    help="comma-separated method names: " + ",".join(METHOD_NAMES))
     xp.add_argument("--k", type=int, help="classes explained per image, the top-k (default 3)")
     xp.add_argument("--batch-size", type=int, default=8)
     xp.add_argument("--input-size", type=int, default=224, help="images are resized and centre-cropped to this")
     xp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     xp.add_argument("--compile", action="store_true", help="torch.compile the attribution (slow first batch)")
+    _add_method_options(xp)
     xp.add_argument("--onnx", type=Path, help="run a `fastattr export` ONNX file in onnxruntime instead of torch")
     xp.add_argument("--no-progress", action="store_true", help="no progress bar")
     xp.add_argument("--ray", action="store_true",
@@ -182,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--model", required=True, help="a torchvision model name, e.g. resnet50")
     ex.add_argument("--weights", type=Path, help="a state-dict file for the model (default: random weights)")
     ex.add_argument("--layer", help="target layer by module path (default: the last convolutional block)")
-    ex.add_argument("--methods", default="gradcam,saliency", help="comma-separated method names")
+    ex.add_argument("--methods", default="gradcam,saliency",
+                    help="comma-separated method names: " + ",".join(METHOD_NAMES))
     ex.add_argument("--k", type=int, default=5, help="classes explained per image (the top-k)")
     ex.add_argument("--input-size", type=int, default=224, help="image height and width")
     ex.add_argument("--with-classes", action="store_true", help="take class indices as a second input")
     ex.add_argument("--format", choices=("onnx", "pt2", "aoti"), default="onnx")
+    _add_method_options(ex)
     ex.add_argument("-o", "--output", type=Path, required=True)
     ex.set_defaults(run=export)
     args = parser.parse_args(argv)

@@ -97,3 +97,22 @@ def test_explain_runs_a_pt2_program_given_as_the_model(tmp_path):
     assert len(line["classes"]) == 2 and list(line["maps"]) == ["gradcam"]
     with Image.open(tmp_path / "out" / "chelsea.png") as grid:  # two 64-pixel tiles per row: photo, gradcam
         assert grid.width < 3 * 64
+
+
+def test_explain_draws_any_method_and_passes_smoothgrad_and_ig_options(tmp_path):
+    code = cli.main(["explain", str(EXAMPLES / "coffee.png"), "--model", "resnet18", "--input-size", "64",
+                     "--methods", "gradcam++,eigencam,smoothgrad,ig", "--samples", "2", "--steps", "2", "--k", "2",
+                     "--no-progress", "-o", str(tmp_path)])
+    assert code == 0
+    (line,) = (tmp_path / "results.jsonl").read_text().splitlines()
+    maps = json.loads(line)["maps"]
+    assert list(maps) == ["gradcam++", "eigencam", "smoothgrad", "ig"]
+    assert all(len(per_class) == 2 for per_class in maps.values())
+    from fastattr.overlay import PAD
+    assert Image.open(tmp_path / "coffee.png").size[0] == PAD + 5 * (64 + PAD)  # the photo, then a tile per method
+
+
+def test_explain_refuses_zero_smoothgrad_samples(tmp_path, capsys):
+    assert cli.main(["explain", str(EXAMPLES / "coffee.png"), "--model", "resnet18", "--methods", "smoothgrad",
+                     "--samples", "0", "-o", str(tmp_path)]) == 2
+    assert "samples: expected an int >= 1, got 0" in capsys.readouterr().err
