@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from . import graph, methods as _methods, postprocess, targets as _targets
+from . import graph, methods as _methods, postprocess, targets as _targets, tokens
 from .errors import CompileError, FastattrError, InputError, MethodError
 from .graph import OutputSelector
 
@@ -85,6 +85,9 @@ class Explainer:
             Pass `noise=` to a call to give the draw `[N, samples, C, H, W]` yourself.
         steps, baseline: Integrated Gradients' Gauss-Legendre points on the path from `baseline` (a number,
             or a tensor `[C, H, W]`) to the image, as captum's default method places them.
+        reshape: how the layer's activation becomes `[N, C, h, w]`, for a layout fastattr does not read
+            itself. It reads feature maps, Swin's channels-last maps and ViT tokens (`[N, prefix + h*w, C]`,
+            the grid from the model's patch size and the image's size; see `fastattr.tokens`).
 
     Methods reading the same tensors share one pass: any mix of the CAMs, "saliency" and "inputxgrad" costs one
     forward and one K-class backward. "smoothgrad" adds a pass over `samples` noisy copies, "ig" one over
@@ -100,7 +103,8 @@ class Explainer:
                  output: OutputSelector = None, upsample: bool = True, normalize: bool = True,
                  k_form: Literal["auto", "loop", "vmap"] = "auto", keep_grads: bool = False,
                  compile: bool | dict = False, dtype: torch.dtype | None = None, samples: int = 16,
-                 noise: float = 0.15, seed: int | None = 0, steps: int = 32, baseline: float | Tensor = 0.0):
+                 noise: float = 0.15, seed: int | None = 0, steps: int = 32, baseline: float | Tensor = 0.0,
+                 reshape: tokens.Reshape | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if k_form not in ("auto", "loop", "vmap"):
@@ -113,6 +117,7 @@ class Explainer:
             graph.get_layer(model, self.layer)
         else:
             self.layer = None
+        self._layout = tokens.layout_of(model, reshape)
         self.split = graph.split(model, self.layer, output)
         self._whole = graph.split(model, None, output)
         self._guided = graph.guided(model, output) if "guided_grads" in self._reads else None
@@ -236,7 +241,12 @@ class Explainer:
         p = graph.forward_backward(self.split, images, classes, k, layer_grads="acts_grads" in reads,
                                    input_grads="input_grads" in reads, k_form=self.k_form)
         classes = p.classes
-        values = {"images": images, "acts": p.acts, "acts_grads": p.acts_grads, "input_grads": p.input_grads}
+        acts, acts_grads = p.acts, p.acts_grads
+        if self.layer is not None:  # tokens or channels-last maps to [N, C, h, w], and their gradients alike
+            ndim, size = acts.ndim, tuple(images.shape[-2:])
+            acts = tokens.to_grid(self._layout, acts, ndim, size)
+            acts_grads = tokens.to_grid(self._layout, acts_grads, ndim, size) if acts_grads is not None else None
+        values = {"images": images, "acts": acts, "acts_grads": acts_grads, "input_grads": p.input_grads}
         completeness = None
         if "noisy_grads" in reads:
             spread = self.noise * (images.amax((1, 2, 3)) - images.amin((1, 2, 3)))
@@ -298,28 +308,40 @@ class Explainer:
                              f"{images.shape[1]} (shape {list(images.shape)})")
 
     def _count_classes(self, images: Tensor) -> int:
+        """The model's number of outputs for images like these, having checked that the layer's activation
+        lays out as a map (both once per image shape)."""
         key = (tuple(images.shape[1:]), images.dtype, images.device)
         with self._lock:
             if key not in self._num_classes:
-                self._num_classes[key] = self._output_width(images)
+                tokens.check_image_size(self._layout, tuple(images.shape[-2:]), type(self.model).__name__)
+                logits, acts = self._probe(images)
+                if acts is not None:
+                    tokens.check(self._layout, acts, tuple(images.shape[-2:]), self.layer, type(self.model).__name__)
+                self._num_classes[key] = int(logits.shape[1])
             return self._num_classes[key]
 
-    def _output_width(self, images: Tensor) -> int:
-        # A fake-tensor pass gives the logits' shape without computing anything; a model whose forward
-        # reads values (data-dependent control flow) gets one real forward instead.
+    def _probe(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        # A fake-tensor pass gives the logits' and the layer's shapes without computing anything; a model whose
+        # forward reads values (data-dependent control flow) gets one real forward instead.
         from torch._subclasses.fake_tensor import FakeTensorMode
+
+        def run(x: Tensor) -> tuple[Tensor, Tensor | None]:
+            if self.layer is None or not self.split.traced:
+                return self._whole.head(x), None
+            acts, *carried = self.split.trunk(x)
+            return self.split.head(acts, *carried), acts
 
         probe = images[:1]
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-                return int(self._whole.head(mode.from_tensor(probe)).shape[1])
+                return run(mode.from_tensor(probe))
         except FastattrError:
             raise
         except Exception:  # noqa: BLE001 - the real forward below reports what is wrong
             pass
         try:
             with torch.inference_mode():
-                return int(self._whole.head(probe).shape[1])
+                return run(probe)
         except FastattrError:
             raise
         except Exception as exc:

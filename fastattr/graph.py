@@ -44,8 +44,9 @@ def _has_conv(module: nn.Module) -> bool:
 
 
 def layers(model: nn.Module) -> list[str]:
-    """Module paths that make sense as Grad-CAM target layers: those holding a convolution, and the
-    modules beside the convolutions inside them (norms, activations, pools), in definition order.
+    """Module paths that make sense as Grad-CAM target layers: those holding a convolution, the modules
+    beside the convolutions inside them (norms, activations, pools), and transformer blocks with their first
+    norms, in definition order.
 
     Any module path that `model.get_submodule` accepts may be used as a target; this is the short list.
 
@@ -54,18 +55,33 @@ def layers(model: nn.Module) -> list[str]:
     """
     names = []
     with_conv = {name for name, m in model.named_modules() if _has_conv(m)}
+    norms = set(_block_norms(model))
+    blocks = {n.rpartition(".")[0] for n in norms}
     for name, module in model.named_modules():
         if not name:
             continue
         parent = name.rpartition(".")[0]
-        if name in with_conv or (parent and parent in with_conv and not list(module.children())):
+        if name in with_conv or name in norms or name in blocks or (
+                parent and parent in with_conv and not list(module.children())):
             names.append(name)
     return names
 
 
+def _block_norms(model: nn.Module) -> list[str]:
+    """The first norms (`ln_1` in torchvision, `norm1` in timm and Swin) of the transformer blocks, in order."""
+    return [f"{name}.{child}" if name else child for name, m in model.named_modules() for child in ("ln_1", "norm1")
+            if isinstance(getattr(m, child, None), nn.LayerNorm)]
+
+
 def default_layer(model: nn.Module) -> str:
-    """The last direct child of the model that holds a convolution: `layer4` for a ResNet,
-    `features` for VGG, MobileNet, EfficientNet, DenseNet and ConvNeXt, `trunk_output` for RegNet."""
+    """For a transformer, the last block's first norm, whose tokens the block's attention still mixes
+    (`encoder.layers.encoder_layer_11.ln_1` in torchvision's ViT-B/16, `blocks.11.norm1` in timm's ViTs,
+    `features.7.1.norm1` in Swin-T). Else the last direct child of the model that holds a convolution:
+    `layer4` for a ResNet, `features` for VGG, MobileNet, EfficientNet, DenseNet and ConvNeXt, `trunk_output`
+    for RegNet."""
+    norms = _block_norms(model)
+    if norms:
+        return norms[-1]
     for name, child in reversed(list(model.named_children())):
         if _has_conv(child):
             return name
@@ -506,21 +522,72 @@ class _StridelessTrace(torch.overrides.TorchFunctionMode):
     """Two layers traced as the same values without restriding, for graphs that must leave torch (ONNX has
     no strides). ConvNeXt permutes its activations to `[N, H, W, C]` and back, so they reach
     - `nn.Linear` as non-contiguous views of more than two dimensions, whose backward traces to `as_strided`
-      writes; on a contiguous copy it traces to plain MatMuls;
+      writes; on a flattened copy it traces to plain MatMuls (and ATen's own flattening of a contiguous
+      3-D input, as in every ViT, reads sizes as ints, which pins the symbolic batch);
     - global average pooling channels-last, which ATen computes as a mean and then restrides in place; the
       mean alone is the same value.
     Functionalised, those restrides become `prims.as_strided_scatter`, which has no ONNX translation. Torch's
-    decomposition tables cannot reach either op (both are CompositeImplicit), hence a function mode."""
+    decomposition tables cannot reach either op (both are CompositeImplicit), hence a function mode.
+    A third: scaled dot-product attention traces to a fused CPU kernel whose backward ONNX lacks; written out
+    as softmax(q k^T * scale) v, its backward is MatMuls and a softmax's."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.linear and args[0].ndim > 2 and not args[0].is_contiguous():
-            return func(args[0].contiguous(), *args[1:], **kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _attention(*args, **kwargs)
+        if func is torch.nn.functional.multi_head_attention_forward:
+            return _multi_head_attention(func, *args, **kwargs)
+        if func is torch.nn.functional.linear and args[0].ndim > 2:
+            return _linear(*args, **kwargs)
         if func is torch.nn.functional.adaptive_avg_pool2d:
             size = args[1] if len(args) > 1 else kwargs["output_size"]
             if all(s == 1 for s in ((size,) if isinstance(size, int) else size)):
                 return args[0].mean((-2, -1), keepdim=True)
         return func(*args, **kwargs)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+               is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+    if dropout_p or enable_gqa:
+        raise ExportError("export: attention with dropout (a model in training mode) or grouped-query attention has "
+                          "no exported form in fastattr; call model.eval()")
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1) @ v
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.nn.functional.linear(x.flatten(0, -2), weight, bias).unflatten(0, x.shape[:-1])
+
+
+def _multi_head_attention(func, query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+                          add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True,
+                          key_padding_mask=None, need_weights=True, attn_mask=None, use_separate_proj_weight=False,
+                          **rest):
+    """nn.MultiheadAttention's plain case (packed projections, no masks or extra keys) written out, since the
+    functional's own reshapes of its packed projection trace to `as_strided` writes; any other case runs as is."""
+    plain = (bias_k is None and bias_v is None and not add_zero_attn and key_padding_mask is None and attn_mask is None
+             and not use_separate_proj_weight and not need_weights and (not training or not dropout_p)
+             and rest.get("static_k") is None and rest.get("static_v") is None and not rest.get("is_causal")
+             and query.ndim == 3)
+    if not plain:
+        return func(query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+                    add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask,
+                    need_weights, attn_mask, use_separate_proj_weight, **rest)
+    length, batch, _ = query.shape  # [L, N, E]: the module has already moved a batch-first input
+    w_q, w_k, w_v = in_proj_weight.chunk(3)
+    b_q, b_k, b_v = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+
+    def heads(t: Tensor) -> Tensor:  # [L, N, E] -> [N * heads, L, E / heads]
+        return t.reshape(t.shape[0], batch * num_heads, embed_dim // num_heads).transpose(0, 1)
+
+    q, k, v = heads(_linear(query, w_q, b_q)), heads(_linear(key, w_k, b_k)), heads(_linear(value, w_v, b_v))
+    out = _attention(q, k, v).transpose(0, 1).reshape(length, batch, embed_dim)
+    return _linear(out, out_proj_weight, out_proj_bias), None
 
 
 def batch_dims(example: tuple[Tensor, ...], max_batch: int = 4096) -> tuple[dict, ...]:
