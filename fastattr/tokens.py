@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .errors import LayerError
+from .errors import InputError, LayerError
 
 Reshape = Callable[[Tensor], Tensor]
 
@@ -61,7 +61,7 @@ def check_image_size(layout: Layout, image_size: tuple[int, int], model_name: st
     assertion does."""
     if layout.image_size is not None and tuple(image_size) != layout.image_size:
         (h, w), (ph, pw) = layout.image_size, layout.patch
-        raise LayerError(
+        raise InputError(
             f"images: {model_name} was built for {h}x{w} images (a {h // ph}x{w // pw} grid of {ph}x{pw} patches in "
             f"its position embedding), got {image_size[0]}x{image_size[1]}; resize the images to {h}x{w}, or build the "
             "model for this size (torchvision: image_size=..., timm: img_size=... or dynamic_img_size=True)")
