@@ -6,7 +6,7 @@
 >>> out.logits, out.classes, out.maps["gradcam"]      # [N, 1000], [N, 5], [N, 5, H, W]  # doctest: +SKIP
 """
 
-from . import files, images, overlay, reference, zoo
+from . import files, images, overlay, reference, tokens, zoo
 from .errors import CompileError, ExportError, FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
 from .explain import Explainer, Explanation, explain
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
@@ -14,7 +14,7 @@ from .graph import default_layer, layers
 from .methods import METHODS
 
 __all__ = [
-    "Explainer", "Explanation", "explain", "export_program", "load_program", "Program", "export_onnx", "OnnxExplainer", "layers", "default_layer", "METHODS", "reference", "zoo", "images", "overlay", "files",
+    "Explainer", "Explanation", "explain", "export_program", "load_program", "Program", "export_onnx", "OnnxExplainer", "layers", "default_layer", "METHODS", "reference", "tokens", "zoo", "images", "overlay", "files",
     "CompileError", "ExportError", "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
 ]
 __version__ = "0.1.0"

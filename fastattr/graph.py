@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import vjp, vmap
 
-from .errors import CompileError, ExportError, LayerError, ModelOutputError
+from .errors import CompileError, ExportError, LayerError, MethodError, ModelOutputError
 
 KForm = Literal["loop", "vmap"]
 OutputSelector = Callable[[Any], Tensor] | str | int | None
@@ -396,7 +396,7 @@ def guided(model: nn.Module, output: OutputSelector = None) -> Split:
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001
-        raise LayerError(f"methods: guided backpropagation rewrites the ReLUs of a torch.fx trace, and torch.fx "
+        raise MethodError(f"methods: guided backpropagation rewrites the ReLUs of a torch.fx trace, and torch.fx "
                          f"cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); use another method") from exc
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):

@@ -151,3 +151,28 @@ def test_the_eager_path_removes_its_hook_when_the_call_raises():
     with pytest.raises(fastattr.ModelOutputError):
         explainer(images(1))
     assert_same(before, snapshot(net))
+
+
+def test_every_method_leaves_the_model_as_it_was():
+    net, x = model("resnet18"), images(2)
+    before = snapshot(net)
+    fastattr.explain(net, x, layer="layer4", methods=tuple(fastattr.METHODS), k=2, samples=2, steps=2)
+    assert_same(before, snapshot(net))
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+def test_guided_backprop_on_a_model_torch_fx_cannot_trace_is_refused_naming_the_cause():
+    with pytest.raises(fastattr.MethodError, match=r"guided backpropagation rewrites the ReLUs of a torch.fx trace, "
+                       r"and torch.fx cannot trace Branchy"):
+        fastattr.Explainer(Branchy().eval(), methods="guided")
+
+
+def test_smoothgrad_and_ig_run_on_the_eager_hook_path_too():
+    torch.manual_seed(0)
+    net, x = Branchy().double().eval(), images(1, torch.float64)
+    with pytest.warns(UserWarning, match="eager hook path"):
+        out = fastattr.explain(net, x, layer="features", methods=("gradcam", "smoothgrad", "ig"), k=2, samples=2,
+                               steps=64, normalize=False)
+    assert out.maps["smoothgrad"].shape == (1, 2, 64, 64)
+    # the net is piecewise linear, so 64 Gauss-Legendre points leave little of the path integral out
+    assert out.completeness.abs().max() < 1e-2 * out.logits.abs().max()
