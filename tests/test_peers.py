@@ -132,18 +132,14 @@ def renormalised(maps):
 
 # --- captum -----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("method,peer", [("saliency", "Saliency"), ("inputxgrad", "InputXGradient"),
+                                         ("guided", "GuidedBackprop")])
 @pytest.mark.parametrize("name", MODELS)
-def test_saliency_equals_captum_saliency(name):
+def test_input_gradient_methods_equal_captums(name, method, peer):
     net, (x, raw, _) = model(name), explained(name)
-    theirs = per_class(name, lambda t: captum_attr.Saliency(net).attribute(x, target=t).abs().sum(1))
-    assert_close_to_peer(raw.maps["saliency"], theirs)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_inputxgrad_equals_captum_input_x_gradient(name):
-    net, (x, raw, _) = model(name), explained(name)
-    theirs = per_class(name, lambda t: captum_attr.InputXGradient(net).attribute(x, target=t).abs().sum(1))
-    assert_close_to_peer(raw.maps["inputxgrad"], theirs)
+    explainer = getattr(captum_attr, peer)(net)
+    theirs = per_class(name, lambda t: explainer.attribute(x, target=t).abs().sum(1))
+    assert_close_to_peer(raw.maps[method], theirs)
 
 
 @functools.cache
@@ -183,13 +179,6 @@ def test_smoothgrad_equals_captum_noise_tunnel_given_the_same_noise(name):
     with torch.random.fork_rng():
         theirs = per_class(name, attribute)
     assert_close_to_peer(raw.maps["smoothgrad"], theirs)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_guided_equals_captum_guided_backprop(name):
-    net, (x, raw, _) = model(name), explained(name)
-    theirs = per_class(name, lambda t: captum_attr.GuidedBackprop(net).attribute(x, target=t).abs().sum(1))
-    assert_close_to_peer(raw.maps["guided"], theirs)
 
 
 @pytest.mark.parametrize("name", MODELS)
