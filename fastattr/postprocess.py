@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,4 +28,6 @@ def minmax_clamped(maps: Tensor, eps: float = 1e-8) -> Tensor:
 def minmax_shifted(maps: Tensor, eps: float = 1e-8) -> Tensor:
     """(m - min) / (max - min + eps) per map: the article's saliency normalisation."""
     lo, hi = _extrema(maps)
-    return (maps - lo) / (hi - lo + eps)
+    # eps as a [1, 1, 1, 1] tensor, not a scalar: onnxscript's optimiser drops `x + c` for a scalar c within 1e-8
+    # of 0, so an exported flat map would become 0 / 0.
+    return (maps - lo) / (hi - lo + torch.full((1,) * maps.ndim, eps, dtype=maps.dtype, device=maps.device))

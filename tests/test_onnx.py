@@ -225,3 +225,14 @@ def test_every_method_exports_to_one_file_whose_outputs_equal_the_torch_path(tmp
         torch.testing.assert_close(got.completeness, want.completeness, rtol=1e-3, atol=1e-3)
     noise = torch.randn(1, 2, 3, 64, 64)
     assert_same_explanation(explainer(images(1), noise=noise), eager(images(1), k=2, noise=noise))
+
+
+def test_a_flat_saliency_map_stays_zero_in_onnxruntime(tmp_path):
+    # A zero head gives zero gradients; saliency's normalisation then divides 0 by eps. onnxscript's optimiser
+    # removes a scalar `+ 1e-8` as `+ 0` (absolute tolerance 1e-8), which made the exported map 0 / 0 = NaN.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    nn.init.zeros_(net[4].weight)
+    path = fastattr.export_onnx(net, tmp_path / "flat.onnx", layer="1", methods="saliency", k=1, input_shape=(3, 16, 16))
+    out = fastattr.OnnxExplainer(path)(torch.randn(2, 3, 16, 16))
+    assert torch.equal(out.maps["saliency"], torch.zeros(2, 1, 16, 16))
