@@ -3,7 +3,7 @@
 Parity: fastattr's raw Grad-CAM equals the article's formula (ReLU(sum_c mean_ij(g_c) A_c)) applied to the
 layer's activation and gradient as captured by hooks and laid out by hand here, in float64 to 1e-10. The hand
 layouts: ViT tokens [N, prefix + h*w, C] lose the prefix (1 class token; 2 for DeiT's class and distillation
-tokens) and go on the h x w patch grid; Swin's [N, h, w, C] is permuted. Random weights, 64x64 images (a 4x4
+tokens; 5 for a class token and 4 registers) and go on the h x w patch grid; Swin's [N, h, w, C] is permuted. Random weights, 64x64 images (a 4x4
 grid of 16x16 patches; Swin-T's last stage is 2x2). torchvision zero-initialises ViT's head, which would make
 every logit 0 and every map empty, so each head gets random weights.
 
@@ -41,6 +41,8 @@ MODELS = {
     "vit_tiny_patch16_224": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=SIZE), "blocks.11.norm1", 1, 4),
     "deit_tiny_distilled_patch16_224": (lambda: timm.create_model("deit_tiny_distilled_patch16_224", img_size=SIZE),
                                         "blocks.11.norm1", 2, 4),
+    "vit_tiny_patch16_224 with 4 registers": (
+        lambda: timm.create_model("vit_tiny_patch16_224", img_size=SIZE, reg_tokens=4), "blocks.11.norm1", 5, 4),
 }
 
 
