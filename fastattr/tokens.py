@@ -84,8 +84,9 @@ def check(layout: Layout, acts: Tensor, image_size: tuple[int, int], layer: str,
         raise LayerError(f"layer: {layer!r} of {model_name} gives an activation of shape {shape}, neither a feature "
                          f"map [N, C, h, w] nor tokens [N, tokens, C]{fix}")
     if layout.patch is None:
-        raise LayerError(f"layer: {layer!r} of {model_name} gives tokens {shape} ([N, tokens, C]), and fastattr "
-                         f"knows no patch size for {model_name} (it reads torchvision's and timm's ViTs){fix}")
+        raise LayerError(f"layer: {layer!r} of {model_name} gives a 3-D activation {shape}; as tokens [N, tokens, C] "
+                         f"it needs the model's patch size, which fastattr reads from torchvision's and timm's ViTs "
+                         f"and {model_name} does not give{fix}")
     (height, width), (ph, pw) = image_size, layout.patch
     if height % ph or width % pw:
         raise LayerError(f"images: {height}x{width} is not a whole number of {ph}x{pw} patches, so {layer!r}'s "

@@ -103,7 +103,7 @@ def test_a_file_that_is_not_a_fastattr_export_is_refused(tmp_path):
 
 
 def test_an_op_without_onnx_translation_is_named(tmp_path):
-    class Conv1d(nn.Module):  # a 1-D convolution below the layer: its input gradient has no translation here
+    class Conv1d(nn.Module):  # a 1-D convolution above the layer: its input gradient has no translation here
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
@@ -114,7 +114,7 @@ def test_an_op_without_onnx_translation_is_named(tmp_path):
             return self.fc(self.line(self.conv(x).flatten(2)).mean(-1))
 
     with pytest.raises(fastattr.ExportError, match=r"gradient of a 1-D convolution has no ONNX translation"):
-        fastattr.export_onnx(Conv1d().eval(), tmp_path / "x.onnx", layer="line", methods=("gradcam", "saliency"),
+        fastattr.export_onnx(Conv1d().eval(), tmp_path / "x.onnx", layer="conv", methods=("gradcam", "saliency"),
                              k=2, input_shape=(3, 16, 16))
 
 

@@ -129,8 +129,8 @@ class TokenNet(nn.Module):
 
 
 def test_tokens_of_a_model_without_a_known_patch_size_ask_for_reshape():
-    with pytest.raises(fastattr.LayerError, match=r"'norm' of TokenNet gives tokens \[1, 17, 8\] \(\[N, tokens, C\]\), "
-                       r"and fastattr knows no patch size for TokenNet .* pass reshape=lambda acts"):
+    with pytest.raises(fastattr.LayerError, match=r"'norm' of TokenNet gives a 3-D activation \[1, 17, 8\]; as tokens "
+                       r"\[N, tokens, C\] it needs the model's patch size, .* pass reshape=lambda acts"):
         fastattr.explain(TokenNet().eval(), torch.randn(1, 3, 16, 16), layer="norm")
 
 
