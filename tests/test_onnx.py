@@ -236,3 +236,19 @@ def test_a_flat_saliency_map_stays_zero_in_onnxruntime(tmp_path):
     path = fastattr.export_onnx(net, tmp_path / "flat.onnx", layer="1", methods="saliency", k=1, input_shape=(3, 16, 16))
     out = fastattr.OnnxExplainer(path)(torch.randn(2, 3, 16, 16))
     assert torch.equal(out.maps["saliency"], torch.zeros(2, 1, 16, 16))
+
+
+def test_a_model_over_2_gb_is_written_with_external_data_and_its_weights_once(tmp_path):
+    # 549M parameters, 2.2 GB in float32: past protobuf's 2 GB limit, so the weights go to `<path>.data` without
+    # being asked, once (the file is the size of the parameters, not twice it). Peak memory here: about 11 GB.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 350_000)).eval()
+    weights = sum(p.numel() for p in net.parameters()) * 4
+    assert weights > 2**31
+    path = fastattr.export_onnx(net, tmp_path / "big.onnx", layer="1", methods=("gradcam", "saliency"), k=2,
+                                input_shape=(3, 16, 16))
+    assert path.stat().st_size < 2**20
+    assert weights <= (tmp_path / "big.onnx.data").stat().st_size < 1.01 * weights
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert_same_explanation(fastattr.OnnxExplainer(path)(x),
+                            fastattr.Explainer(net, layer="1", methods=("gradcam", "saliency"))(x, k=2))
