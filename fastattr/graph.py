@@ -304,8 +304,8 @@ def grads_at(s: Split, points: Tensor, classes: Tensor, k_form: KForm = "loop") 
     """`[N, S, K, C, H, W]`: d logit / d input at S points per image (`points [N, S, C, H, W]`) for the
     image's classes `[N, K]`. The points fold into the batch: one forward of N*S inputs, K backwards."""
     n, count = points.shape[:2]
-    p = forward_backward(s, points.flatten(0, 1), classes.unsqueeze(1).expand(-1, count, -1).flatten(0, 1), classes.shape[1],
-                         input_grads=True, k_form=k_form)
+    repeated = classes.unsqueeze(1).expand(-1, count, -1).flatten(0, 1)
+    p = forward_backward(s, points.flatten(0, 1), repeated, classes.shape[1], input_grads=True, k_form=k_form)
     return p.input_grads.unflatten(0, (n, count))
 
 
@@ -377,7 +377,7 @@ _RELU_FUNCTIONS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.f
 
 
 def _relu_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """"inplace" or "relu" for a ReLU node, else None."""
+    """Whether `node` is a ReLU, and an in-place one: "inplace", "relu" or None."""
     if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU:
         return "inplace" if gm.get_submodule(node.target).inplace else "relu"
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:

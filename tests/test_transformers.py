@@ -4,8 +4,9 @@ Parity: fastattr's raw Grad-CAM equals the article's formula (ReLU(sum_c mean_ij
 layer's activation and gradient as captured by hooks and laid out by hand here, in float64 to 1e-10. The hand
 layouts: ViT tokens [N, prefix + h*w, C] lose the prefix (1 class token; 2 for DeiT's class and distillation
 tokens; 5 for a class token and 4 registers) and go on the h x w patch grid; Swin's [N, h, w, C] is permuted.
-Random weights, 64x64 images (a 4x4 grid of 16x16 patches; Swin-T's last stage is 2x2). torchvision zero-initialises ViT's head, which would make
-every logit 0 and every map empty, so each head gets random weights.
+Random weights, 64x64 images (a 4x4 grid of 16x16 patches; Swin-T's last stage is 2x2). torchvision
+zero-initialises ViT's head, which would make every logit 0 and every map empty, so each head gets random
+weights.
 
 Compiled and onnxruntime against eager: two-block relatives (torchvision's VisionTransformer, timm's DeiT
 distilled) at 32x32, float32; the measure of test_compile (logits 1e-4, maps by correlation and max abs).
