@@ -131,7 +131,7 @@ def _explain_on_ray(args: argparse.Namespace) -> int:
             [str(p) for p in args.paths], out, model=args.model, weights=args.weights, layer=args.layer,
             methods=tuple(m for m in args.methods.split(",") if m), k=3 if args.k is None else args.k,
             input_size=args.input_size, onnx=str(args.onnx) if args.onnx else None, workers=args.workers,
-            batch_size=args.batch_size, address=args.address)
+            batch_size=args.batch_size, address=args.address, method_options=_method_options(args))
     except FastattrError as exc:
         return _usage_error(str(exc))
     print(f"wrote Parquet to {out}")

@@ -32,7 +32,7 @@ class ExplainBatch:
 
     def __init__(self, model: str = zoo.PRETRAINED, weights: str | None = None, layer: str | None = None,
                  methods: Sequence[str] = ("gradcam", "saliency"), k: int = 3, input_size: int = 224,
-                 onnx: str | None = None):
+                 onnx: str | None = None, method_options: dict | None = None):
         import fastattr
 
         self.size, self.k = input_size, k
@@ -42,7 +42,8 @@ class ExplainBatch:
             self.methods = self.explainer.methods
         else:
             net = zoo.load_model(model, weights)
-            explainer = fastattr.Explainer(net, layer=layer or zoo.default_layer(model, net), methods=methods)
+            explainer = fastattr.Explainer(net, layer=layer or zoo.default_layer(model, net), methods=methods,
+                                           **(method_options or {}))
             self.explainer, self.methods = (lambda x: explainer(x, k=k)), explainer.methods
         self.names = zoo.imagenet_classes()
 
@@ -75,9 +76,10 @@ def explain_to_parquet(paths: str | Sequence[str], out: str | Path, *, model: st
                        weights: str | None = None, layer: str | None = None,
                        methods: Sequence[str] = ("gradcam", "saliency"), k: int = 3, input_size: int = 224,
                        onnx: str | None = None, workers: int = 1, batch_size: int = 16,
-                       address: str | None = None) -> list[str]:
+                       address: str | None = None, method_options: dict | None = None) -> list[str]:
     """Explain every file under `paths` on Ray Data and write Parquet to the folder `out`. Returns the
-    reasons of the files that were not readable images (those have no row).
+    reasons of the files that were not readable images (those have no row). `method_options` go to each
+    worker's `Explainer` (`samples`, `noise`, `seed`, `steps`, `baseline`).
 
     Local paths are listed as `fastattr explain` lists them (folders: files with an image suffix); a URI
     (`s3://...`) goes to Ray as it is."""
@@ -101,7 +103,7 @@ def explain_to_parquet(paths: str | Sequence[str], out: str | Path, *, model: st
         explained = files.map_batches(
             ExplainBatch, batch_size=batch_size, concurrency=workers, batch_format="numpy",
             fn_constructor_kwargs=dict(model=model, weights=weights, layer=layer, methods=tuple(methods), k=k,
-                                       input_size=input_size, onnx=onnx)).materialize()
+                                       input_size=input_size, onnx=onnx, method_options=method_options)).materialize()
         from ray.data.expressions import col
 
         failed = [row["error"] for row in explained.filter(expr=col("error") != "").iter_rows()]

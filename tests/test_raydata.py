@@ -81,7 +81,13 @@ def test_each_row_equals_a_direct_call_on_that_image(parquet, folder_and_weights
 def test_the_command_line_writes_parquet_and_exits_1_for_the_corrupt_file(folder_and_weights, tmp_path, capsys):
     folder, weights = folder_and_weights
     code = cli.main(["explain", str(folder), "--ray", "--model", "resnet18", "--weights", str(weights),
-                     "--input-size", "32", "--k", "1", "--methods", "gradcam", "-o", str(tmp_path)])
+                     "--input-size", "32", "--k", "1", "--methods", "saliency,smoothgrad", "--noise", "0",
+                     "--samples", "2", "-o", str(tmp_path)])
     assert code == 1
     assert "photo19.png" in capsys.readouterr().err
     assert list((tmp_path / "parquet").glob("*.parquet"))
+    # --noise reached the workers: without noise SmoothGrad is saliency (with the default 0.15 it is not)
+    import ray.data
+
+    for row in ray.data.read_parquet(str(tmp_path / "parquet")).iter_rows():
+        assert np.array_equal(row["map_smoothgrad"], row["map_saliency"])
