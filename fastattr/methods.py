@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -184,7 +183,6 @@ def guided_gradcam(acts: Tensor, acts_grads: Tensor, guided_grads: Tensor) -> Te
 class Method:
     fn: Callable[..., Tensor]
     reads: tuple[str, ...]            # names of the tensors above, passed positionally
-    at: Literal["layer", "input"]     # the map's resolution: the layer's (upsampled on request) or the input's
     normalize: Callable[[Tensor], Tensor]
 
 
@@ -192,11 +190,11 @@ _CAM = ("acts", "acts_grads")
 
 
 def _cam_method(fn: Callable[..., Tensor]) -> Method:
-    return Method(fn, _CAM, "layer", postprocess.minmax_clamped)
+    return Method(fn, _CAM, postprocess.minmax_clamped)
 
 
 def _input_method(fn: Callable[..., Tensor], *reads: str) -> Method:
-    return Method(fn, reads, "input", postprocess.minmax_shifted)
+    return Method(fn, reads, postprocess.minmax_shifted)
 
 
 # Grad-CAM and saliency keep the article's normalisations, so their maps equal the oracle's exactly (the two
@@ -208,7 +206,7 @@ METHODS: dict[str, Method] = {
     "hirescam": _cam_method(hirescam),
     "layercam": _cam_method(layercam),
     "gradcam-elementwise": _cam_method(gradcam_elementwise),
-    "eigencam": Method(eigencam, ("acts",), "layer", postprocess.minmax_clamped),
+    "eigencam": Method(eigencam, ("acts",), postprocess.minmax_clamped),
     "saliency": _input_method(saliency, "input_grads"),
     "inputxgrad": _input_method(input_x_gradient, "images", "input_grads"),
     "smoothgrad": _input_method(smoothgrad, "noisy_grads"),
