@@ -107,7 +107,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
 
     attribution, example_args, meta = _prepare(model, layer, methods, k, input_shape, with_classes, options)
     with torch.no_grad():
-        traced = graph.trace(attribution, example_args, graph.ONNX_DECOMPOSITIONS).eval()
+        traced = graph.resize_ops_for_onnx(graph.trace(attribution, example_args, graph.ONNX_DECOMPOSITIONS)).eval()
     try:
         program = torch.onnx.export(traced, example_args, dynamo=True, opset_version=opset,
                                     dynamic_shapes=graph.batch_dims(example_args), input_names=meta["inputs"],

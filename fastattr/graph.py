@@ -529,10 +529,17 @@ class _StridelessTrace(torch.overrides.TorchFunctionMode):
     Functionalised, those restrides become `prims.as_strided_scatter`, which has no ONNX translation. Torch's
     decomposition tables cannot reach either op (both are CompositeImplicit), hence a function mode.
     A third: scaled dot-product attention traces to a fused CPU kernel whose backward ONNX lacks; written out
-    as softmax(q k^T * scale) v, its backward is MatMuls and a softmax's."""
+    as softmax(q k^T * scale) v, its backward is MatMuls and a softmax's.
+    A fourth, for speed: a bilinear resize outside the differentiated region (the maps' upsampling) stays
+    one op, exported as one Resize; traced through autograd it decomposes into four index gathers, which
+    onnxruntime ran 5x slower."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.nn.functional.interpolate:
+            resized = _bilinear_resize(*args, **kwargs)
+            if resized is not None:
+                return resized
         if func is torch.nn.functional.scaled_dot_product_attention:
             return _attention(*args, **kwargs)
         if func is torch.nn.functional.multi_head_attention_forward:
@@ -558,6 +565,19 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     return scores.softmax(-1) @ v
+
+
+def _bilinear_resize(x: Tensor, size=None, scale_factor=None, mode: str = "nearest", align_corners: bool | None = None,
+                     recompute_scale_factor: bool | None = None, antialias: bool = False) -> Tensor | None:
+    """`F.interpolate(x, size=..., mode="bilinear")` below autograd, where make_fx records it as one op;
+    None for any other call, and for a tensor inside a torch.func transform, whose gradient is needed."""
+    plain = (mode == "bilinear" and size is not None and scale_factor is None and not antialias and x.ndim == 4
+             and not torch._C._functorch.is_functorch_wrapped_tensor(x) and not x.requires_grad)
+    if not plain:
+        return None
+    size = [size, size] if isinstance(size, int) else list(size)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.aten.upsample_bilinear2d.default(x, size, bool(align_corners))
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -588,6 +608,18 @@ def _multi_head_attention(func, query, key, value, embed_dim, num_heads, in_proj
     q, k, v = heads(_linear(query, w_q, b_q)), heads(_linear(key, w_k, b_k)), heads(_linear(value, w_v, b_v))
     out = _attention(q, k, v).transpose(0, 1).reshape(length, batch, embed_dim)
     return _linear(out, out_proj_weight, out_proj_bias), None
+
+
+def resize_ops_for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with its bilinear resizes as `upsample_bilinear2d.vec`, the overload torch.onnx translates to one
+    Resize (it decomposes `.default` into index gathers)."""
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.upsample_bilinear2d.default:
+            x, size, align_corners, *scales = node.args
+            if not any(s is not None for s in scales):
+                node.target, node.args = torch.ops.aten.upsample_bilinear2d.vec, (x, size, align_corners, None)
+    gm.recompile()
+    return gm
 
 
 def batch_dims(example: tuple[Tensor, ...], max_batch: int = 4096) -> tuple[dict, ...]:

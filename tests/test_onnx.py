@@ -192,7 +192,9 @@ def test_weights_can_live_beside_the_file_as_external_data(tmp_path):
     path = fastattr.export_onnx(model("resnet18"), tmp_path / "ext.onnx", layer="layer4", methods=("gradcam",),
                                 k=2, input_shape=(3, 64, 64), external_data=True)
     weights = sum(p.numel() for p in model("resnet18").parameters()) * 4
-    assert path.stat().st_size < weights / 10 <= (tmp_path / "ext.onnx.data").stat().st_size / 10
+    data = (tmp_path / "ext.onnx.data").stat().st_size
+    assert path.stat().st_size < weights / 10
+    assert 0.9 * weights < data < 1.1 * weights  # batch norms fold into the convolutions: a little under the weights
     x = images(2)
     assert_same_explanation(fastattr.OnnxExplainer(path)(x), fastattr.Explainer(model("resnet18"), layer="layer4")(x, k=2))
 
@@ -206,6 +208,13 @@ def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(ex
     # The one left is the classifier's weight transposed for the backward: folding it would store the
     # 512 x 1000 weight a second time.
     assert foldable == [("Transpose", [512 * 1000])]
+
+
+def test_maps_are_upsampled_by_one_resize_per_method_not_by_index_gathers(exports):
+    # Traced through autograd, a bilinear resize becomes four GatherNDs, which onnxruntime ran 5x slower.
+    ops = [n.op_type for n in onnx.load(str(exports("resnet18"))).graph.node]
+    assert ops.count("Resize") == 1  # Grad-CAM's 2x2 maps; saliency's are at the input's size already
+    assert "GatherND" not in ops
 
 
 def test_every_method_exports_to_one_file_whose_outputs_equal_the_torch_path(tmp_path):
@@ -248,7 +257,7 @@ def test_a_model_over_2_gb_is_written_with_external_data_and_its_weights_once(tm
     path = fastattr.export_onnx(net, tmp_path / "big.onnx", layer="1", methods=("gradcam", "saliency"), k=2,
                                 input_shape=(3, 16, 16))
     assert path.stat().st_size < 2**20
-    assert weights <= (tmp_path / "big.onnx.data").stat().st_size < 1.01 * weights
+    assert 0.99 * weights < (tmp_path / "big.onnx.data").stat().st_size < 1.01 * weights  # tiny tensors stay inline
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     assert_same_explanation(fastattr.OnnxExplainer(path)(x),
                             fastattr.Explainer(net, layer="1", methods=("gradcam", "saliency"))(x, k=2))
