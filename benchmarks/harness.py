@@ -24,9 +24,12 @@ ROUNDS = int(os.environ.get("FASTATTR_BENCH_ROUNDS", 2 if FULL else 1))
 
 
 @functools.cache
-def model(name: str) -> torch.nn.Module:
+def model(name: str, layout: str = "contiguous") -> torch.nn.Module:
+    """Random weights, the same for every layout; "channels_last" converts the model's 4-D weights, which
+    the user does (fastattr never changes a model)."""
     torch.manual_seed(0)
-    return getattr(torchvision.models, name)().eval()
+    net = getattr(torchvision.models, name)().eval()
+    return net.to(memory_format=torch.channels_last) if layout == "channels_last" else net
 
 
 @functools.cache
@@ -47,29 +50,29 @@ COMPILE_BACKEND = "inductor" if FULL else "eager"  # smoke mode: the same fullgr
 
 
 @functools.cache
-def compiled_model(name: str) -> torch.nn.Module:
-    return torch.compile(model(name), fullgraph=True, backend=COMPILE_BACKEND)
+def compiled_model(name: str, layout: str = "contiguous") -> torch.nn.Module:
+    return torch.compile(model(name, layout), fullgraph=True, backend=COMPILE_BACKEND)
 
 
 @functools.cache
-def explainer(name: str, method: str, compiled: bool):
+def explainer(name: str, method: str, compiled: bool, layout: str = "contiguous"):
     import fastattr
 
-    return fastattr.Explainer(model(name), layer="layer4" if method == "gradcam" else None, methods=(method,),
-                              compile={"backend": COMPILE_BACKEND} if compiled else False)
+    return fastattr.Explainer(model(name, layout), layer="layer4" if method == "gradcam" else None,
+                              methods=(method,), compile={"backend": COMPILE_BACKEND} if compiled else False)
 
 
-def torch_case(name: str, backend: str, what: str, x: torch.Tensor):
+def torch_case(name: str, backend: str, what: str, x: torch.Tensor, layout: str = "contiguous"):
     """The callable for `what` ("inference", "gradcam" top-5 at layer4, "saliency" top-1) on torch
-    `backend` ("eager" or "compiled")."""
+    `backend` ("eager" or "compiled"), the model's weights in `layout` ("contiguous" or "channels_last")."""
     if what == "inference":
-        net = compiled_model(name) if backend == "compiled" else model(name)
+        net = compiled_model(name, layout) if backend == "compiled" else model(name, layout)
 
         def infer():
             with torch.inference_mode():
                 return net(x)
         return infer
-    e = explainer(name, what, backend == "compiled")
+    e = explainer(name, what, backend == "compiled", layout)
     k = 5 if what == "gradcam" else None
     return lambda: e(x, k=k)
 
