@@ -7,6 +7,8 @@ Float64 shows exactness (1e-10). Float32 tolerances, measured here on these mode
   max abs <= 0.1 of the normalised maps.
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,14 @@ def test_logits_equal_the_models_own_output():
     out = fastattr.explain(net, x, methods=("gradcam", "saliency"), k=2)
     with torch.no_grad():
         torch.testing.assert_close(out.logits, net(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 5e-4)])
+def test_a_channels_last_model_matches_reference(dtype, atol):
+    # Channels-last weights are what make compiled CPU graphs pay at batch 1 (README), so users convert; the
+    # activations then arrive channels-last, and the maps must not notice.
+    net = copy.deepcopy(model("resnet18", dtype)).to(memory_format=torch.channels_last)
+    x = images(2, dtype)
+    out = fastattr.explain(net, x, layer="layer3", methods=("gradcam",), k=2, upsample=False)
+    cam, _ = reference_maps(model("resnet18", dtype), x, "layer3", out.classes)
+    np.testing.assert_allclose(out.maps["gradcam"].numpy(), cam, rtol=0, atol=atol)
