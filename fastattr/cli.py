@@ -7,7 +7,8 @@
     fastattr layers MODEL
     fastattr export --model resnet18 [--weights FILE] --layer layer4 --methods gradcam,saliency --k 5 \\
         [--input-size 224] [--with-classes] [--format onnx|pt2|aoti] -o model.onnx
-    fastattr serve [--model NAME] [--onnx FILE] [--port 8000] [--max-batch-size 16]
+    fastattr serve [--model NAME] [--onnx FILE] [--port 8000] [--max-batch-size 16] [--samples 16] [--noise 0.15]
+        [--steps 32]
     fastattr bench --model resnet50 --methods gradcam --k 5 --batch-sizes 1,16 --backend eager|compiled|onnx|inference
 """
 

@@ -89,8 +89,9 @@ FORM_OVERHEAD = 64 * 1024  # bytes a multipart body may hold beyond its image: b
 DEFAULTS: dict[str, Any] = {
     "model": zoo.PRETRAINED, "weights": None, "layer": None, "methods": None, "onnx": None, "compile": False,
     "device": "cpu", "input_size": None, "max_k": 5, "max_batch_size": 16, "batch_wait_ms": 10.0,
-    "max_bytes": 10_000_000, "max_pixels": 40_000_000, "num_cpus": 1.0,
+    "max_bytes": 10_000_000, "max_pixels": 40_000_000, "num_cpus": 1.0, "samples": 16, "noise": 0.15, "steps": 32,
 }
+_METHOD_OPTIONS = ("samples", "noise", "steps")  # Explainer's, for smoothgrad and ig
 
 
 class RequestError(Exception):
@@ -127,8 +128,10 @@ def _on_cpu(out: Explanation) -> Explanation:
 
 def build_backend(model: str = zoo.PRETRAINED, weights: str | None = None, layer: str | None = None,
                   methods: Sequence[str] | None = None, onnx: str | None = None, compile: bool = False,
-                  device: str = "cpu", input_size: int | None = None, max_k: int = 5) -> Backend:
-    """Load the model (or the ONNX export) once and check it runs at the input size.
+                  device: str = "cpu", input_size: int | None = None, max_k: int = 5,
+                  method_options: Mapping[str, Any] | None = None) -> Backend:
+    """Load the model (or the ONNX export) once and check it runs at the input size. `method_options`
+    (`samples`, `noise`, `steps`) go to the `Explainer`; an ONNX export has its own, fixed at export.
 
     >>> backend = build_backend("resnet18", methods=("gradcam",), input_size=64)   # doctest: +SKIP
     >>> backend.run(images, None, 3).maps["gradcam"].shape                        # [N, 3, 64, 64]  # doctest: +SKIP
@@ -138,7 +141,7 @@ def build_backend(model: str = zoo.PRETRAINED, weights: str | None = None, layer
     size = 224 if input_size is None else input_size
     net = zoo.load_model(model, weights).to(device)
     explainer = Explainer(net, layer=layer or zoo.default_layer(model, net), methods=methods or DEFAULT_METHODS,
-                          compile=compile)
+                          compile=compile, **(method_options or {}))
     with torch.inference_mode():
         num_classes = int(net(torch.zeros(1, 3, size, size, device=device)).shape[1])
     if not 1 <= max_k <= num_classes:
@@ -396,7 +399,7 @@ class ExplainService:
     """The Ray Serve deployment (named "fastattr"): builds the explainer once, then answers `POST /explain`.
 
     Args: those of `build_backend` (model, weights, layer, methods, onnx, compile, device, input_size, max_k),
-    then max_batch_size and batch_wait_ms (the dynamic batching: a batch runs when it is full or when its first
+    samples, noise and steps (smoothgrad's and ig's, as `Explainer` takes them), then max_batch_size and batch_wait_ms (the dynamic batching: a batch runs when it is full or when its first
     request has waited this long), max_bytes and max_pixels (larger images are answered 413).
 
     >>> handle = serve.run(serve.deployment(ExplainService).bind(model="resnet18", max_batch_size=8))  # doctest: +SKIP
@@ -405,10 +408,12 @@ class ExplainService:
     def __init__(self, model: str = zoo.PRETRAINED, weights: str | None = None, layer: str | None = None,
                  methods: Sequence[str] | None = None, onnx: str | None = None, compile: bool = False,
                  device: str = "cpu", input_size: int | None = None, max_k: int = 5, max_batch_size: int = 16,
-                 batch_wait_ms: float = 10.0, max_bytes: int = 10_000_000, max_pixels: int = 40_000_000):
+                 batch_wait_ms: float = 10.0, max_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
+                 samples: int = 16, noise: float = 0.15, steps: int = 32):
         from ray import serve
 
-        self.backend = build_backend(model, weights, layer, methods, onnx, compile, device, input_size, max_k)
+        self.backend = build_backend(model, weights, layer, methods, onnx, compile, device, input_size, max_k,
+                                     {"samples": samples, "noise": noise, "steps": steps})
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
         self.names = zoo.imagenet_classes() if self.backend.num_classes == 1000 else None
         # @serve.batch applied per instance, so that the batch size and wait are start-up options.
@@ -478,10 +483,11 @@ def _bool(value: Any) -> bool:
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "model": str, "weights": _optional_str, "layer": _optional_str, "methods": _methods_list, "onnx": _optional_str,
     "compile": _bool, "device": str, "input_size": _optional_int, "max_k": int, "max_batch_size": int,
-    "batch_wait_ms": float, "max_bytes": int, "max_pixels": int, "num_cpus": float,
+    "batch_wait_ms": float, "max_bytes": int, "max_pixels": int, "num_cpus": float, "samples": int, "noise": float,
+    "steps": int,
 }
 _AT_LEAST = {"input_size": 1, "max_k": 1, "max_batch_size": 1, "batch_wait_ms": 0, "max_bytes": 1, "max_pixels": 1,
-             "num_cpus": 0}
+             "num_cpus": 0, "samples": 1, "noise": 0, "steps": 1}
 
 
 def app_options(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -529,6 +535,8 @@ def app(args: Mapping[str, Any] | None = None) -> Application:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `serve` options to `parser` (the `fastattr serve` subcommand's parser)."""
+    from . import cli
+
     parser.add_argument("--model", default=zoo.PRETRAINED,
                         help=f"{zoo.PRETRAINED} (pretrained, the default) or a torchvision model name")
     parser.add_argument("--weights", type=Path, metavar="FILE",
@@ -554,6 +562,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest image file accepted, in bytes (default: 10000000); larger ones get 413")
     parser.add_argument("--max-pixels", type=int, default=DEFAULTS["max_pixels"],
                         help="largest image accepted, in pixels (default: 40000000); larger ones get 413")
+    cli._add_method_options(parser)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1,
                         help="CPUs for Ray and the model (default: all of this machine's)")
     parser.add_argument("--host", default="127.0.0.1",

@@ -206,6 +206,24 @@ def test_add_arguments_parses_the_serve_options():
     assert set(fserve.DEFAULTS) <= set(vars(defaults))  # every app argument has its option
 
 
+def test_serve_takes_the_smoothgrad_and_ig_options():
+    parser = argparse.ArgumentParser()
+    fserve.add_arguments(parser)
+    args = parser.parse_args(["--samples", "4", "--noise", "0", "--steps", "8"])
+    assert (args.samples, args.noise, args.steps) == (4, 0.0, 8)
+    assert fserve.app_options({"samples": "4", "noise": "0.2", "steps": "8"})["noise"] == 0.2
+    with pytest.raises(ValueError, match="samples='0'"):
+        fserve.app_options({"samples": "0"})
+
+
+def test_a_backend_passes_its_method_options_to_the_explainer(weights):
+    # With no noise SmoothGrad averages the plain gradient: the saliency map, whatever the sample count.
+    backend = fserve.build_backend("resnet18", str(weights), methods=("smoothgrad", "saliency"), input_size=32,
+                                   method_options={"samples": 3, "noise": 0.0})
+    out = backend.run(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), None, 2)
+    torch.testing.assert_close(out.maps["smoothgrad"], out.maps["saliency"], rtol=0, atol=1e-6)
+
+
 def test_serve_run_string_arguments_are_converted_and_unknown_ones_refused():
     options = fserve.app_options({"model": "resnet18", "max_batch_size": "16", "batch_wait_ms": "5",
                                   "compile": "true", "methods": "saliency,gradcam", "weights": "none"})
