@@ -136,18 +136,17 @@ def _optimize(model) -> None:
     try:
         import onnx_ir.passes.common as common
         from onnxscript import rewriter
-        from onnxscript.optimizer import _constant_folding
+        from onnxscript.optimizer import _constant_folding as folding
         from onnxscript.rewriter.rules.common import _basic_rules
 
         rules = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if rule is not _basic_rules.slice_split_rule]
-        fold = _constant_folding.FoldConstantsPass(shape_inference=True,
-                                                   input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                                                   output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT)
-        passes = [common.InlinePass(),
-                  optimizer.ir.passes.PassManager([fold, rewriter.RewritePass(rules), common.RemoveUnusedNodesPass(),
-                                                   common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
-                                                  steps=2, early_stop=True),
-                  common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        fold = folding.FoldConstantsPass(shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                         output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT)
+        rounds = optimizer.ir.passes.PassManager([fold, rewriter.RewritePass(rules), common.RemoveUnusedNodesPass(),
+                                                  common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
+                                                 steps=2, early_stop=True)
+        passes = [common.InlinePass(), rounds, common.RemoveUnusedNodesPass(),
+                  common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
                   common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
                   common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass()]
     except (ImportError, AttributeError):

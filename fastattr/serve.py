@@ -91,7 +91,6 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu", "input_size": None, "max_k": 5, "max_batch_size": 16, "batch_wait_ms": 10.0,
     "max_bytes": 10_000_000, "max_pixels": 40_000_000, "num_cpus": 1.0, "samples": 16, "noise": 0.15, "steps": 32,
 }
-_METHOD_OPTIONS = ("samples", "noise", "steps")  # Explainer's, for smoothgrad and ig
 
 
 class RequestError(Exception):
@@ -399,8 +398,9 @@ class ExplainService:
     """The Ray Serve deployment (named "fastattr"): builds the explainer once, then answers `POST /explain`.
 
     Args: those of `build_backend` (model, weights, layer, methods, onnx, compile, device, input_size, max_k),
-    samples, noise and steps (smoothgrad's and ig's, as `Explainer` takes them), then max_batch_size and batch_wait_ms (the dynamic batching: a batch runs when it is full or when its first
-    request has waited this long), max_bytes and max_pixels (larger images are answered 413).
+    samples, noise and steps (smoothgrad's and ig's, as `Explainer` takes them), then max_batch_size and
+    batch_wait_ms (the dynamic batching: a batch runs when it is full or when its first request has waited
+    this long), max_bytes and max_pixels (larger images are answered 413).
 
     >>> handle = serve.run(serve.deployment(ExplainService).bind(model="resnet18", max_batch_size=8))  # doctest: +SKIP
     """
