@@ -110,9 +110,13 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
         traced = graph.resize_ops_for_onnx(graph.trace(attribution, example_args, graph.ONNX_DECOMPOSITIONS)).eval()
     try:
         program = torch.onnx.export(traced, example_args, dynamo=True, opset_version=opset, optimize=False,
-                                    dynamic_shapes=graph.batch_dims(example_args), input_names=meta["inputs"],
-                                    output_names=meta["outputs"], verbose=False)
+                                    dynamic_shapes=graph.batch_dims(example_args), verbose=False)
         _optimize(program.model)
+        # Named after optimising, as torch.onnx does: the optimiser renames a graph input that is also an output
+        # (the given classes are returned as they came).
+        for values, names in ((program.model.graph.inputs, meta["inputs"]), (program.model.graph.outputs, meta["outputs"])):
+            for value, name in zip(values, names, strict=True):
+                value.name = name
     except Exception as exc:
         missing = re.search(r"No ONNX function found for (?:<OpOverload\(op=')?([\w.:]+)", str(exc))
         what = f"operator {missing.group(1)}" if missing else f"{type(exc).__name__}: {str(exc)[:500]}"
