@@ -210,7 +210,7 @@ def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(ex
     assert foldable == [("Transpose", [512 * 1000])]
 
 
-def test_maps_are_upsampled_by_one_resize_per_method_not_by_index_gathers(exports):
+def test_maps_are_upsampled_by_one_resize_not_by_index_gathers(exports):
     # Traced through autograd, a bilinear resize becomes four GatherNDs: resnet18's top-5 Grad-CAM in onnxruntime
     # ran at 0.72x its plain inference with them, 0.94x with one Resize (benchmarks/results/cpu-backends.json).
     ops = [n.op_type for n in onnx.load(str(exports("resnet18"))).graph.node]
