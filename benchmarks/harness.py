@@ -24,11 +24,11 @@ ROUNDS = int(os.environ.get("FASTATTR_BENCH_ROUNDS", 2 if FULL else 1))
 
 
 @functools.cache
-def model(name: str, layout: str = "contiguous") -> torch.nn.Module:
-    """Random weights, the same for every layout; "channels_last" converts the model's 4-D weights, which
-    the user does (fastattr never changes a model)."""
+def model(name: str, layout: str = "contiguous", device: str = "cpu") -> torch.nn.Module:
+    """Random weights, the same for every layout and device; "channels_last" converts the model's 4-D
+    weights, which the user does (fastattr never changes a model)."""
     torch.manual_seed(0)
-    net = getattr(torchvision.models, name)().eval()
+    net = getattr(torchvision.models, name)().eval().to(device)
     return net.to(memory_format=torch.channels_last) if layout == "channels_last" else net
 
 
@@ -41,40 +41,50 @@ def run(benchmark, fn, n_images: int, warmup_rounds: int = 1, **info) -> None:
     """Time `fn()` (after `warmup_rounds` calls outside the timer) and record images/s in extra_info."""
     benchmark.extra_info.update({"batch": n_images, "size": SIZE, "threads": torch.get_num_threads(),
                                  "device": "cpu", "torch": torch.__version__, **info})
+    if benchmark.extra_info["device"] == "cuda":
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=warmup_rounds, iterations=1)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = n_images / benchmark.stats.stats.median
 
 
 COMPILE_BACKEND = "inductor" if FULL else "eager"  # smoke mode: the same fullgraph capture, no inductor wait
+# torch.compile's mode per torch backend: "cudagraphs" is inductor replaying CUDA graphs (CUDA only).
+MODES = {"compiled": None, "cudagraphs": "reduce-overhead"}
 
 
 @functools.cache
-def compiled_model(name: str, layout: str = "contiguous") -> torch.nn.Module:
-    return torch.compile(model(name, layout), fullgraph=True, backend=COMPILE_BACKEND)
+def compiled_model(name: str, layout: str = "contiguous", device: str = "cpu", mode: str | None = None):
+    return torch.compile(model(name, layout, device), fullgraph=True, backend=COMPILE_BACKEND, mode=mode)
 
 
 @functools.cache
-def explainer(name: str, method: str, compiled: bool, layout: str = "contiguous"):
+def explainer(name: str, method: str, backend: str, layout: str = "contiguous", device: str = "cpu"):
     import fastattr
 
-    return fastattr.Explainer(model(name, layout), layer="layer4" if method == "gradcam" else None,
-                              methods=(method,), compile={"backend": COMPILE_BACKEND} if compiled else False)
+    compile = {"backend": COMPILE_BACKEND, "mode": MODES[backend]} if backend in MODES else False
+    return fastattr.Explainer(model(name, layout, device), layer="layer4" if method == "gradcam" else None,
+                              methods=(method,), compile=compile)
 
 
 def torch_case(name: str, backend: str, what: str, x: torch.Tensor, layout: str = "contiguous"):
     """The callable for `what` ("inference", "gradcam" top-5 at layer4, "saliency" top-1) on torch
-    `backend` ("eager" or "compiled"), the model's weights in `layout` ("contiguous" or "channels_last")."""
+    `backend` ("eager", "compiled" or, on CUDA, "cudagraphs"), the model's weights in `layout`
+    ("contiguous" or "channels_last") on the images' device. A CUDA case waits for its kernels to end."""
+    device = x.device.type
     if what == "inference":
-        net = compiled_model(name, layout) if backend == "compiled" else model(name, layout)
+        net = (compiled_model(name, layout, device, MODES[backend]) if backend in MODES
+               else model(name, layout, device))
 
-        def infer():
+        def fn():
             with torch.inference_mode():
                 return net(x)
-        return infer
-    e = explainer(name, what, backend == "compiled", layout)
-    k = 5 if what == "gradcam" else None
-    return lambda: e(x, k=k)
+    else:
+        e, k = explainer(name, what, backend, layout, device), (5 if what == "gradcam" else None)
+        fn = lambda: e(x, k=k)  # noqa: E731
+    if device != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize())
 
 
 def first_call(benchmark, fn, rep: int, **extra) -> object:

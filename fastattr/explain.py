@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 
 from . import graph, methods as _methods, postprocess, targets as _targets, tokens
 from .errors import CompileError, FastattrError, InputError, MethodError
@@ -137,14 +138,16 @@ class Explainer:
         self.compile_seconds: dict[tuple, float] = {}
         self._past_limit: set[tuple] = set()
         self._compiled = None
+        self._cudagraphs = False
         if compile:
             options = {} if compile is True else dict(compile)
             if not self.split.traced:
                 raise CompileError(
                     f"compile: {type(model).__name__} runs on the eager hook path (torch.fx could not trace it), "
                     "which cannot be compiled; make the forward traceable or use compile=False")
-            self._compiled = graph.compile(self._pure, device=self._param.device if self._param is not None else None,
-                                           **options)
+            device = self._param.device if self._param is not None else None
+            self._compiled = graph.compile(self._pure, device=device, **options)
+            self._cudagraphs = graph.replays_cuda_graphs(device, **options)
 
     def __repr__(self) -> str:
         return (f"Explainer({type(self.model).__name__}, layer={self.layer!r}, methods={self.methods}, "
@@ -194,11 +197,11 @@ class Explainer:
             return self._pure(images, classes, k, noise)
         images, classes, noise = graph.mark_batch_dynamic(images, classes, noise)
         if signature in self.compile_seconds:
-            return self._compiled(images, classes, k, noise)
+            return self._call_compiled(images, classes, k, noise)
         with self._lock:  # one compile per signature, even when threads arrive together
             start = time.perf_counter()
             try:
-                result = self._compiled(images, classes, k, noise)
+                result = self._call_compiled(images, classes, k, noise)
             except Exception as exc:
                 if not _past_recompile_limit(exc):
                     raise
@@ -214,6 +217,14 @@ class Explainer:
                          "for this shape existed)",
                          list(images.shape), images.dtype, k, seconds)
             return result
+
+    def _call_compiled(self, *args):
+        if not self._cudagraphs:
+            return self._compiled(*args)
+        # A CUDA graph's replay writes its outputs into the same memory as the last one: without a copy, a
+        # caller's earlier Explanation would change under it (torch raises on reading it).
+        torch.compiler.cudagraph_mark_step_begin()
+        return tree_map_only(Tensor, Tensor.clone, self._compiled(*args))
 
     def _pure(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None):
         """The attribution as one pure function of tensors: what torch.compile and the exporters see."""

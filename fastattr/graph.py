@@ -480,6 +480,14 @@ def compile(fn: Callable, *, device: torch.device | None = None, mode: str | Non
     return torch.compile(_with_own_code(fn), fullgraph=True, dynamic=False, backend=backend, **chosen)
 
 
+def replays_cuda_graphs(device: torch.device | None, mode: str | None = None, options: dict | None = None,
+                        **_) -> bool:
+    """Whether `compile(..., device=device, mode=mode, options=options)` captures CUDA graphs, whose
+    replays reuse their output memory."""
+    wanted = mode in ("reduce-overhead", "max-autotune") or bool((options or {}).get("triton.cudagraphs"))
+    return wanted and device is not None and device.type == "cuda"
+
+
 def _with_own_code(fn: Callable) -> Callable:
     """`fn` over a copy of its code object. Dynamo keeps compiled graphs, and counts them against its
     recompile limit, per code object, and every Explainer's `_pure` shares one: without a copy, the ninth

@@ -36,6 +36,9 @@ def table(data: dict) -> str:
     lines = [f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, {machine.get('system', '')} "
              f"{machine.get('release', '')}; torch {next(iter(meta.values()), {}).get('torch', '?')}; "
              f"run {data.get('datetime', '?')[:16]}.", ""]
+    gpus = sorted({info["gpu"] for info in meta.values() if info.get("gpu")})
+    if gpus:
+        lines[0] = lines[0].replace("; torch", f"; GPU {', '.join(gpus)}; torch")
     lines += ["| group | model | batch | case | images/s | x floor | x same backend's inference | x retain-graph loop "
               "| x article | reps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for group, cases in per_case.items():
