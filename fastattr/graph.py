@@ -707,7 +707,17 @@ def _avg_pool2d_input_grad(grad_output, input, kernel_size, stride, padding, cei
     return torch.nn.functional.conv_transpose2d(grad_output, kernel, None, stride, padding, extra, channels)
 
 
+def _max_pool2d_input_grad(grad_output, input, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    # Each output took one input, whose index within its [h * w] plane the forward returned: the gradient goes
+    # back to those places, summed where windows overlap (a ScatterElements with add). torch 2.11's torch.onnx
+    # has no translation of the op (2.14's has).
+    plane = input.shape[:-2]
+    grad = grad_output.new_zeros(*plane, input.shape[-2] * input.shape[-1])
+    return grad.scatter_add(-1, indices.flatten(-2), grad_output.flatten(-2)).reshape(input.shape)
+
+
 ONNX_DECOMPOSITIONS = {
+    torch.ops.aten.max_pool2d_with_indices_backward.default: _max_pool2d_input_grad,
     torch.ops.aten.silu_backward.default: _silu_input_grad,
     torch.ops.aten.avg_pool2d_backward.default: _avg_pool2d_input_grad,
     torch.ops.aten.convolution_backward.default: _convolution_input_grad,

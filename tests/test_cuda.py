@@ -2,9 +2,10 @@
 them on one.
 
 Tolerances. float64 on CUDA equals the CPU reference to 1e-9: only the order of summation differs. float32
-on CUDA runs cuDNN's convolutions in TF32 (torch's default), so maps are compared as test_compile compares
-float32 maps: max abs <= 0.1 of the normalised maps and Pearson correlation >= 0.999 per map, and logits
-to 1e-3 (TF32 keeps 10 bits of mantissa).
+maps are compared as test_compile compares them: max abs <= 0.1 of the normalised maps, Pearson correlation
+>= 0.999 per map, logits to 1e-4. These tests turn TF32 off: torch's default runs cuDNN's convolutions in
+TF32 (10 bits of mantissa), which moved logits by up to 2e-3 and left a layer3 Grad-CAM at correlation 0.996
+with the reference on an H200; benchmarks/results/half-precision-cuda.md measures TF32's effect per model.
 """
 
 import copy
@@ -15,7 +16,7 @@ import torch
 
 import fastattr
 from models import images, model
-from test_compile import assert_order_sensitive_close
+from test_compile import assert_order_sensitive_close, assert_same_explanation
 from test_parity import reference_maps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -26,11 +27,17 @@ def on_cuda(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     return copy.deepcopy(model(name, dtype)).cuda()
 
 
-def assert_same_explanation(got: fastattr.Explanation, want: fastattr.Explanation) -> None:
-    assert torch.equal(got.classes.cpu(), want.classes.cpu())
-    torch.testing.assert_close(got.logits.cpu(), want.logits.cpu(), rtol=1e-3, atol=1e-3)
-    for name in want.maps:
-        assert_order_sensitive_close(got.maps[name].cpu().numpy(), want.maps[name].cpu().numpy())
+@pytest.fixture(autouse=True)
+def full_float32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def on_cpu(out: fastattr.Explanation) -> fastattr.Explanation:
+    return fastattr.Explanation(out.logits.cpu(), out.classes.cpu(), {k: v.cpu() for k, v in out.maps.items()},
+                                out.layer)
 
 
 def test_float64_attribution_on_cuda_equals_the_cpu_reference():
@@ -60,7 +67,7 @@ def test_compiled_attribution_on_cuda_equals_eager_for_k_1_and_3():
     compiled = fastattr.Explainer(net, compile=True, **GRADCAM_AND_SALIENCY)
     eager = fastattr.Explainer(net, **GRADCAM_AND_SALIENCY)
     for k in (1, 3):
-        assert_same_explanation(compiled(x, k=k), eager(x, k=k))
+        assert_same_explanation(on_cpu(compiled(x, k=k)), on_cpu(eager(x, k=k)))
     assert len(compiled.compile_seconds) == 2
 
 
@@ -72,7 +79,7 @@ def test_reduce_overhead_results_survive_the_next_call():
     batches = [images(2, seed=s).cuda() for s in (3, 4, 5)]
     outs = [graphs(x, k=3) for x in batches]
     for x, out in zip(batches, outs):
-        assert_same_explanation(out, eager(x, k=3))
+        assert_same_explanation(on_cpu(out), on_cpu(eager(x, k=3)))
 
 
 @pytest.mark.parametrize("dtype,bound,correlation", [(torch.float16, 0.05, 0.95), (torch.bfloat16, 0.15, 0.8)])
@@ -92,7 +99,7 @@ def test_a_program_exported_from_a_cuda_model_runs_on_cuda(tmp_path):
     x = images(3, seed=8).cuda()
     out = fastattr.load_program(path)(x)
     assert out.maps["gradcam"].is_cuda
-    assert_same_explanation(out, fastattr.Explainer(net, layer="layer4")(x, k=2))
+    assert_same_explanation(on_cpu(out), on_cpu(fastattr.Explainer(net, layer="layer4")(x, k=2)))
 
 
 def test_an_onnx_export_of_a_cuda_model_runs_in_onnxruntime_on_the_cpu(tmp_path):
@@ -109,5 +116,5 @@ def test_an_aoti_package_from_a_cuda_model_equals_eager(tmp_path):
     path = fastattr.export_program(net, tmp_path / "cuda-aoti.pt2", layer="layer4", k=2, input_shape=(3, 64, 64),
                                    aoti=True)
     x = images(3, seed=10).cuda()
-    assert_same_explanation(fastattr.load_program(path)(x),
-                            fastattr.Explainer(net, layer="layer4")(x, k=2))
+    assert_same_explanation(on_cpu(fastattr.load_program(path)(x)),
+                            on_cpu(fastattr.Explainer(net, layer="layer4")(x, k=2)))
