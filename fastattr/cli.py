@@ -36,14 +36,20 @@ def load_model(name: str, weights: Path | None) -> torch.nn.Module:
 
 
 def _method_options(args: argparse.Namespace) -> dict:
-    return {"samples": args.samples, "noise": args.noise, "steps": args.steps}
+    """The SmoothGrad and IG options given on the command line (not given: the Explainer's or the export's)."""
+    return {name: getattr(args, name) for name in ("samples", "noise", "steps") if getattr(args, name) is not None}
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples", type=int, default=16, help="smoothgrad: noisy copies per image (default 16)")
-    parser.add_argument("--noise", type=float, default=0.15,
-                        help="smoothgrad: noise std as a fraction of each image's value range (default 0.15)")
-    parser.add_argument("--steps", type=int, default=32, help="ig: Gauss-Legendre points on the path (default 32)")
+    from .explain import SAMPLING
+
+    parser.add_argument("--samples", type=int,
+                        help=f"smoothgrad: noisy copies per image (default {SAMPLING['samples']}, or an export's)")
+    parser.add_argument("--noise", type=float,
+                        help="smoothgrad: noise std as a fraction of each image's value range (default "
+                             f"{SAMPLING['noise']}, or an export's)")
+    parser.add_argument("--steps", type=int,
+                        help=f"ig: Gauss-Legendre points on the path (default {SAMPLING['steps']}, or an export's)")
 
 
 def _usage_error(message: str) -> int:
@@ -76,6 +82,7 @@ def _explainer(args: argparse.Namespace):
     """(explain_batch, input size, class count) for `explain`: an onnxruntime session or a torch Explainer."""
     import fastattr
     from . import zoo
+    from .export import refuse_other_sampling
 
     methods = tuple(m for m in args.methods.split(",") if m)
     export_file = args.onnx or (Path(args.model) if args.model.endswith((".onnx", ".pt2")) else None)
@@ -87,6 +94,7 @@ def _explainer(args: argparse.Namespace):
         if args.k is not None and args.k != loaded.k:
             raise fastattr.InputError(f"--k {args.k}: {export_file} was exported for k={loaded.k}; drop --k or "
                                       "export again with --k")
+        refuse_other_sampling(loaded.meta, export_file, _method_options(args), flag="--")
         return loaded, loaded.meta["input_shape"][-1], loaded.meta["num_classes"]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise fastattr.InputError("--device cuda: torch sees no CUDA device here; use --device cpu")

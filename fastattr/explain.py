@@ -45,6 +45,11 @@ class Explanation:
     completeness: Tensor | None = None
 
 
+# SmoothGrad's noisy copies per image and noise (a fraction of each image's value range), Integrated
+# Gradients' quadrature points: the defaults of Explainer and of the command line and serve app's options.
+SAMPLING = {"samples": 16, "noise": 0.15, "steps": 32}
+
+
 def _first(model: nn.Module, kind: type) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, kind)), None)
 
@@ -103,8 +108,9 @@ class Explainer:
     def __init__(self, model: nn.Module, layer: str | None = None, methods: str | Sequence[str] = ("gradcam",), *,
                  output: OutputSelector = None, upsample: bool = True, normalize: bool = True,
                  k_form: Literal["auto", "loop", "vmap"] = "auto", keep_grads: bool = False,
-                 compile: bool | dict = False, dtype: torch.dtype | None = None, samples: int = 16,
-                 noise: float = 0.15, seed: int | None = 0, steps: int = 32, baseline: float | Tensor = 0.0,
+                 compile: bool | dict = False, dtype: torch.dtype | None = None,
+                 samples: int = SAMPLING["samples"], noise: float = SAMPLING["noise"], seed: int | None = 0,
+                 steps: int = SAMPLING["steps"], baseline: float | Tensor = 0.0,
                  reshape: tokens.Reshape | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -157,6 +158,16 @@ def _optimize(model) -> None:
         optimizer.optimize_ir(model)
         return
     optimizer.ir.passes.Sequential(*passes)(model)
+
+
+def refuse_other_sampling(meta: dict, path: str | Path, given: Mapping[str, Any], flag: str = "") -> None:
+    """Raise for a SmoothGrad or IG option in `given` (samples, noise, steps; None: not given) other than the
+    one the export in `path` was made with: the export fixed it, and ignoring it would return maps computed
+    with another value than the caller asked for."""
+    for name, value in given.items():
+        if value is not None and value != meta.get(name):
+            raise InputError(f"{flag}{name} {value}: {path} was exported with {name} {meta.get(name)}; drop "
+                             f"{flag}{name}, or export again with --{name} {value}")
 
 
 def _check_inputs(meta: dict, images: Tensor, classes: Tensor | None, noise: Tensor | None) -> tuple[Tensor, ...]:

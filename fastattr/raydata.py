@@ -79,12 +79,17 @@ def explain_to_parquet(paths: str | Sequence[str], out: str | Path, *, model: st
                        address: str | None = None, method_options: dict | None = None) -> list[str]:
     """Explain every file under `paths` on Ray Data and write Parquet to the folder `out`. Returns the
     reasons of the files that were not readable images (those have no row). `method_options` go to each
-    worker's `Explainer` (`samples`, `noise`, `seed`, `steps`, `baseline`).
+    worker's `Explainer` (`samples`, `noise`, `seed`, `steps`, `baseline`); an ONNX export refuses values
+    other than its own.
 
     Local paths are listed as `fastattr explain` lists them (folders: files with an image suffix); a URI
     (`s3://...`) goes to Ray as it is."""
     import ray
 
+    if onnx is not None and method_options:
+        from .export import OnnxExplainer, refuse_other_sampling
+
+        refuse_other_sampling(OnnxExplainer(onnx).meta, onnx, method_options)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not any("://" in str(p) for p in paths):
         paths = [str(p) for p in _images.find(paths)[0]]

@@ -89,7 +89,7 @@ FORM_OVERHEAD = 64 * 1024  # bytes a multipart body may hold beyond its image: b
 DEFAULTS: dict[str, Any] = {
     "model": zoo.PRETRAINED, "weights": None, "layer": None, "methods": None, "onnx": None, "compile": False,
     "device": "cpu", "input_size": None, "max_k": 5, "max_batch_size": 16, "batch_wait_ms": 10.0,
-    "max_bytes": 10_000_000, "max_pixels": 40_000_000, "num_cpus": 1.0, "samples": 16, "noise": 0.15, "steps": 32,
+    "max_bytes": 10_000_000, "max_pixels": 40_000_000, "num_cpus": 1.0, "samples": None, "noise": None, "steps": None,
 }
 
 
@@ -130,17 +130,19 @@ def build_backend(model: str = zoo.PRETRAINED, weights: str | None = None, layer
                   device: str = "cpu", input_size: int | None = None, max_k: int = 5,
                   method_options: Mapping[str, Any] | None = None) -> Backend:
     """Load the model (or the ONNX export) once and check it runs at the input size. `method_options`
-    (`samples`, `noise`, `steps`) go to the `Explainer`; an ONNX export has its own, fixed at export.
+    (`samples`, `noise`, `steps`; None: the default) go to the `Explainer`; an ONNX export has its own, fixed at
+    export, and refuses others.
 
     >>> backend = build_backend("resnet18", methods=("gradcam",), input_size=64)   # doctest: +SKIP
     >>> backend.run(images, None, 3).maps["gradcam"].shape                        # [N, 3, 64, 64]  # doctest: +SKIP
     """
+    given = {name: value for name, value in (method_options or {}).items() if value is not None}
     if onnx is not None:
-        return _onnx_backend(onnx, methods, compile, input_size, max_k)
+        return _onnx_backend(onnx, methods, compile, input_size, max_k, given)
     size = 224 if input_size is None else input_size
     net = zoo.load_model(model, weights).to(device)
     explainer = Explainer(net, layer=layer or zoo.default_layer(model, net), methods=methods or DEFAULT_METHODS,
-                          compile=compile, **(method_options or {}))
+                          compile=compile, **given)
     with torch.inference_mode():
         num_classes = int(net(torch.zeros(1, 3, size, size, device=device)).shape[1])
     if not 1 <= max_k <= num_classes:
@@ -159,12 +161,13 @@ def build_backend(model: str = zoo.PRETRAINED, weights: str | None = None, layer
 
 
 def _onnx_backend(path: str, methods: Sequence[str] | None, compile: bool, input_size: int | None,
-                  max_k: int) -> Backend:
-    from .export import OnnxExplainer
+                  max_k: int, method_options: Mapping[str, Any]) -> Backend:
+    from .export import OnnxExplainer, refuse_other_sampling
 
     if compile:
         raise InputError("compile: applies to the torch backends; an ONNX export runs in onnxruntime, drop one")
     onnx = OnnxExplainer(path)
+    refuse_other_sampling(onnx.meta, path, method_options)
     size = onnx.meta["input_shape"][-1]
     if input_size is not None and input_size != size:
         raise InputError(f"input_size {input_size}: {path} was exported for {size}x{size}; drop input_size or "
@@ -398,7 +401,8 @@ class ExplainService:
     """The Ray Serve deployment (named "fastattr"): builds the explainer once, then answers `POST /explain`.
 
     Args: those of `build_backend` (model, weights, layer, methods, onnx, compile, device, input_size, max_k),
-    samples, noise and steps (smoothgrad's and ig's, as `Explainer` takes them), then max_batch_size and
+    samples, noise and steps (smoothgrad's and ig's, as `Explainer` takes them; None: its default, or an ONNX
+    export's own, which refuses others), then max_batch_size and
     batch_wait_ms (the dynamic batching: a batch runs when it is full or when its first request has waited
     this long), max_bytes and max_pixels (larger images are answered 413).
 
@@ -409,7 +413,7 @@ class ExplainService:
                  methods: Sequence[str] | None = None, onnx: str | None = None, compile: bool = False,
                  device: str = "cpu", input_size: int | None = None, max_k: int = 5, max_batch_size: int = 16,
                  batch_wait_ms: float = 10.0, max_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
-                 samples: int = 16, noise: float = 0.15, steps: int = 32):
+                 samples: int | None = None, noise: float | None = None, steps: int | None = None):
         from ray import serve
 
         self.backend = build_backend(model, weights, layer, methods, onnx, compile, device, input_size, max_k,
@@ -463,6 +467,10 @@ def _optional_int(value: Any) -> int | None:
     return None if value in (None, "", "none", "None") else int(value)
 
 
+def _optional_float(value: Any) -> float | None:
+    return None if value in (None, "", "none", "None") else float(value)
+
+
 def _methods_list(value: Any) -> tuple[str, ...] | None:
     if value in (None, "", "none", "None"):
         return None
@@ -483,8 +491,8 @@ def _bool(value: Any) -> bool:
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "model": str, "weights": _optional_str, "layer": _optional_str, "methods": _methods_list, "onnx": _optional_str,
     "compile": _bool, "device": str, "input_size": _optional_int, "max_k": int, "max_batch_size": int,
-    "batch_wait_ms": float, "max_bytes": int, "max_pixels": int, "num_cpus": float, "samples": int, "noise": float,
-    "steps": int,
+    "batch_wait_ms": float, "max_bytes": int, "max_pixels": int, "num_cpus": float, "samples": _optional_int,
+    "noise": _optional_float, "steps": _optional_int,
 }
 _AT_LEAST = {"input_size": 1, "max_k": 1, "max_batch_size": 1, "batch_wait_ms": 0, "max_bytes": 1, "max_pixels": 1,
              "num_cpus": 0, "samples": 1, "noise": 0, "steps": 1}

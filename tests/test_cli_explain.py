@@ -73,7 +73,7 @@ def test_layers_lists_candidates_and_marks_the_default(capsys):
     assert "bn2  (default)" in lines and "blocks.6.0.conv_pwl" in lines
 
 
-def test_explain_runs_an_onnx_export_and_refuses_another_k(tmp_path, capsys):
+def test_explain_runs_an_onnx_export_and_refuses_a_k_or_noise_other_than_its_own(tmp_path, capsys):
     onnx = tmp_path / "r18.onnx"
     assert cli.main(["export", "--model", "resnet18", "--layer", "layer4", "--k", "2", "--input-size", "64",
                      "-o", str(onnx)]) == 0
@@ -85,6 +85,9 @@ def test_explain_runs_an_onnx_export_and_refuses_another_k(tmp_path, capsys):
     assert cli.main(["explain", str(EXAMPLES / "coffee.png"), "--onnx", str(onnx), "--k", "3",
                      "-o", str(tmp_path / "out")]) == 2
     assert "exported for k=2" in capsys.readouterr().err
+    assert cli.main(["explain", str(EXAMPLES / "coffee.png"), "--onnx", str(onnx), "--noise", "0.3",
+                     "-o", str(tmp_path / "out")]) == 2
+    assert "--noise 0.3: " in (err := capsys.readouterr().err) and "was exported with noise 0.15; drop --noise" in err
 
 
 def test_explain_runs_a_pt2_program_given_as_the_model(tmp_path):

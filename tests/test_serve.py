@@ -262,3 +262,12 @@ def test_an_onnx_backend_answers_a_mixed_batch_as_direct_calls_do(weights, tmp_p
         want = eager(images.normalize(image[None]), **target)
         assert answer.classes.tolist() == want.classes[0].tolist() and answer.batch_size == 3
         torch.testing.assert_close(answer.maps["gradcam"], want.maps["gradcam"][0], atol=1e-4, rtol=0)
+
+
+def test_an_onnx_backend_refuses_sampling_options_other_than_its_export(tmp_path):
+    path = fastattr.export_onnx(zoo.load_model("resnet18"), tmp_path / "r18.onnx", layer="layer4", methods=("gradcam",),
+                                k=1, input_shape=(3, 32, 32), samples=8)
+    with pytest.raises(fastattr.InputError, match=r"samples 4: .* was exported with samples 8; drop samples, or "
+                                                  r"export again with --samples 4"):
+        fserve.build_backend(onnx=str(path), method_options={"samples": 4})
+    assert fserve.build_backend(onnx=str(path), method_options={"samples": 8, "noise": None}).kind == "onnx"
