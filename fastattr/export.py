@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import graph, targets
+from . import graph, methods as _methods, targets
 from .errors import ExportError, InputError
 from .explain import Explainer, Explanation, draw_noise
 
@@ -62,6 +62,30 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     return attribution, example_args, meta
 
 
+def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: Sequence[int], with_classes: bool,
+            options: dict, decompositions: dict | None = None):
+    """The attribution traced into one graph (`graph.trace`), its example inputs and its metadata.
+
+    Unless `options` name a `k_form`, a backward that stays above the layer is first vmapped over the K
+    classes: in onnxruntime one batched MatMul reads a classifier's weight once instead of K times
+    (resnet50 top-5 Grad-CAM at batch 1: 29.7 against 31.5 ms a call). Where vmapping fixes the batch size
+    (torch.func's batching of a convolution's backward reads sizes as ints, as at resnet's `layer3`), the
+    K calls are traced instead.
+    """
+    head_only = _methods.reads(_methods.resolve(methods)) <= {"acts", "acts_grads"}
+    forms = [options["k_form"]] if options.get("k_form", "auto") != "auto" else ["vmap", "loop"] if head_only else ["loop"]
+    for form in forms:
+        attribution, example_args, meta = _prepare(model, layer, methods, k, input_shape, with_classes,
+                                                   {**options, "k_form": form})
+        with torch.no_grad():
+            traced = graph.trace(attribution, example_args, decompositions)
+        fixed = graph.fixed_batch(traced)
+        if fixed is None:
+            return traced, example_args, meta
+    raise ExportError(f"export: with k_form={form!r} the traced graph fixes the batch size at {fixed}; "
+                      "export with k_form='loop'")
+
+
 def export_program(model: nn.Module, path: str | Path, *, layer: str | None = None,
                    methods: str | Sequence[str] = ("gradcam",), k: int = 5,
                    input_shape: Sequence[int] = (3, 224, 224), with_classes: bool = False, aoti: bool = False,
@@ -75,8 +99,8 @@ def export_program(model: nn.Module, path: str | Path, *, layer: str | None = No
     >>> fastattr.export_program(model, "resnet50-gradcam.pt2", layer="layer4", k=5)   # doctest: +SKIP
     >>> program = fastattr.load_program("resnet50-gradcam.pt2"); out = program(images)  # doctest: +SKIP
     """
-    attribution, example_args, meta = _prepare(model, layer, methods, k, input_shape, with_classes, options)
-    program = graph.export(attribution, example_args)
+    traced, example_args, meta = _traced(model, layer, methods, k, input_shape, with_classes, options)
+    program = graph.export(traced, example_args)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if aoti:
@@ -106,9 +130,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
     """
     import onnx
 
-    attribution, example_args, meta = _prepare(model, layer, methods, k, input_shape, with_classes, options)
-    with torch.no_grad():
-        traced = graph.resize_ops_for_onnx(graph.trace(attribution, example_args, graph.ONNX_DECOMPOSITIONS)).eval()
+    traced, example_args, meta = _traced(model, layer, methods, k, input_shape, with_classes, options,
+                                         graph.ONNX_DECOMPOSITIONS)
+    traced = graph.resize_ops_for_onnx(traced).eval()
     try:
         program = torch.onnx.export(traced, example_args, dynamo=True, opset_version=opset, optimize=False,
                                     dynamic_shapes=graph.batch_dims(example_args), verbose=False)

@@ -636,10 +636,19 @@ def batch_dims(example: tuple[Tensor, ...], max_batch: int = 4096) -> tuple[dict
     return tuple({0: batch} for _ in example)
 
 
-def export(fn: Callable[..., tuple[Tensor, ...]], example: tuple[Tensor, ...]) -> torch.export.ExportedProgram:
-    """`torch.export` of `fn` through `trace`, with a dynamic batch dimension on every input."""
-    with torch.no_grad():
-        graph_module = trace(fn, example)
+def fixed_batch(graph_module: fx.GraphModule) -> int | None:
+    """The batch size a traced graph fixed, or None while its inputs' first dimension is still symbolic."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, Tensor) and value.ndim and is_concrete_int(value.shape[0]):
+            return int(value.shape[0])
+    return None
+
+
+def export(graph_module: fx.GraphModule, example: tuple[Tensor, ...]) -> torch.export.ExportedProgram:
+    """`torch.export` of a `trace`d graph, with a dynamic batch dimension on every input."""
     return torch.export.export(graph_module, example, dynamic_shapes=batch_dims(example))
 
 

@@ -71,6 +71,25 @@ def test_explicit_classes_as_a_second_input(tmp_path):
     assert_same_explanation(fastattr.OnnxExplainer(path)(x, classes), want)
 
 
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_a_gradcam_export_keeps_the_batch_dynamic_whether_its_k_classes_vmap_or_loop(tmp_path, layer):
+    # At layer4 the K-class backward is vmapped (above it: pooling and the classifier); at layer3 vmapping
+    # would fix the batch size, so the export traces the K calls instead.
+    path = fastattr.export_onnx(model("resnet18"), tmp_path / "cam.onnx", layer=layer, methods=("gradcam",), k=3,
+                                input_shape=(3, 64, 64))
+    explainer, eager = fastattr.OnnxExplainer(path), fastattr.Explainer(model("resnet18"), layer=layer)
+    for n in (1, 3):
+        x = images(n, seed=30 + n)
+        assert_same_explanation(explainer(x), eager(x, k=3))
+
+
+def test_a_vmapped_k_that_would_fix_the_batch_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(fastattr.ExportError, match=r"with k_form='vmap' the traced graph fixes the batch size at "
+                                                   r"\d+; export with k_form='loop'"):
+        fastattr.export_onnx(model("resnet18"), tmp_path / "cam.onnx", layer="layer3", methods=("gradcam",), k=3,
+                             input_shape=(3, 64, 64), k_form="vmap")
+
+
 def test_concurrent_runs_equal_sequential_runs(exports):
     import threading
 
