@@ -67,8 +67,8 @@ def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: S
     """The attribution traced into one graph (`graph.trace`), its example inputs and its metadata.
 
     Unless `options` name a `k_form`, a backward that stays above the layer is first vmapped over the K
-    classes: in onnxruntime one batched MatMul reads a classifier's weight once instead of K times
-    (resnet50 top-5 Grad-CAM at batch 1: 29.7 against 31.5 ms a call). Where vmapping fixes the batch size
+    classes: in onnxruntime one batched MatMul reads a classifier's weight once instead of K times (resnet50
+    top-5 Grad-CAM at batch 1 went from 0.85x to 0.97x plain inference). Where vmapping fixes the batch size
     (torch.func's batching of a convolution's backward reads sizes as ints, as at resnet's `layer3`), the
     K calls are traced instead.
     """
