@@ -77,8 +77,13 @@ def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: S
     for form in forms:
         attribution, example_args, meta = _prepare(model, layer, methods, k, input_shape, with_classes,
                                                    {**options, "k_form": form})
-        with torch.no_grad():
-            traced = graph.trace(attribution, example_args, decompositions)
+        try:
+            with torch.no_grad():
+                traced = graph.trace(attribution, example_args, decompositions)
+        except Exception:
+            if form == forms[-1]:
+                raise
+            continue  # an op without a batching rule: the K calls trace without one
         fixed = graph.fixed_batch(traced)
         if fixed is None:
             return traced, example_args, meta
