@@ -68,9 +68,8 @@ def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: S
 
     Unless `options` name a `k_form`, a backward that stays above the layer is first vmapped over the K
     classes: in onnxruntime one batched MatMul reads a classifier's weight once instead of K times (resnet50
-    top-5 Grad-CAM at batch 1 went from 0.85x to 0.97x plain inference). Where vmapping fixes the batch size
-    (torch.func's batching of a convolution's backward reads sizes as ints, as at resnet's `layer3`), the
-    K calls are traced instead.
+    top-5 Grad-CAM at batch 1 went from 0.85x to 0.97x plain inference). Where the vmapped trace fixes the
+    batch size (it did at resnet's `layer3` and in the ViTs tested) or fails, the K calls are traced instead.
     """
     head_only = _methods.reads(_methods.resolve(methods)) <= {"acts", "acts_grads"}
     forms = [options["k_form"]] if options.get("k_form", "auto") != "auto" else ["vmap", "loop"] if head_only else ["loop"]
