@@ -245,7 +245,8 @@ class Explainer:
             # exactly the article's map resized, and min / max run over h*w values instead of H*W.
             result = method.normalize(raw) if self.normalize else raw
             result = postprocess.upsample(result, images.shape[-2:]) if self.upsample else result
-            maps.append(result.expand(-1, classes.shape[1], -1, -1))  # a map for every class: [N, 1, ...] -> K
+            # A map for every class: [N, 1, ...] -> K. Only then: an exported Expand copies even when sizes match.
+            maps.append(result if result.shape[1] == classes.shape[1] else result.expand(-1, classes.shape[1], -1, -1))
         raw_grads = {"layer": values["acts_grads"], "input": values["input_grads"]}
         grads = tuple(raw_grads[name] for name in self._grad_names) if self.keep_grads else ()
         completeness = completeness.to(images.dtype) if completeness is not None else None
