@@ -563,8 +563,8 @@ class _StridelessTrace(torch.overrides.TorchFunctionMode):
 
 def _global_mean(x: Tensor) -> Tensor:
     # A MatMul with a constant 1/(h*w) column, not a mean: the mean's gradient spreads each value over h x w
-    # by an Expand, which onnxruntime ran single-threaded (5.5 of 170 ms for resnet18's top-5 Grad-CAM at
-    # batch 16); the MatMul's gradient is an outer product, a parallel MatMul.
+    # by an Expand, the slowest op after the convolutions in onnxruntime's profile of resnet18's top-5
+    # Grad-CAM; the MatMul's gradient is an outer product, a MatMul.
     h, w = x.shape[-2:]
     column = torch.full((h * w, 1), 1.0 / (h * w), dtype=x.dtype, device=x.device)
     return (x.flatten(-2) @ column).unsqueeze(-1)
