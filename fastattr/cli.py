@@ -37,7 +37,9 @@ def load_model(name: str, weights: Path | None) -> torch.nn.Module:
 
 def _method_options(args: argparse.Namespace) -> dict:
     """The SmoothGrad and IG options given on the command line (not given: the Explainer's or the export's)."""
-    return {name: getattr(args, name) for name in ("samples", "noise", "steps") if getattr(args, name) is not None}
+    from .explain import SAMPLING
+
+    return {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:

@@ -86,8 +86,9 @@ def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: S
         fixed = graph.fixed_batch(traced)
         if fixed is None:
             return traced, example_args, meta
-    raise ExportError(f"export: with k_form={form!r} the traced graph fixes the batch size at {fixed}; "
-                      "export with k_form='loop'")
+    fix = ("export with k_form='loop'" if form == "vmap" else
+           "an op of the model reads the batch size as a number, so the file would take no other batch")
+    raise ExportError(f"export: with k_form={form!r} the traced graph fixes the batch size at {fixed}; {fix}")
 
 
 def export_program(model: nn.Module, path: str | Path, *, layer: str | None = None,

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from . import images as _images, methods as _methods, overlay, zoo
 from .errors import FastattrError, InputError
-from .explain import Explainer, Explanation
+from .explain import SAMPLING, Explainer, Explanation
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -89,7 +89,8 @@ FORM_OVERHEAD = 64 * 1024  # bytes a multipart body may hold beyond its image: b
 DEFAULTS: dict[str, Any] = {
     "model": zoo.PRETRAINED, "weights": None, "layer": None, "methods": None, "onnx": None, "compile": False,
     "device": "cpu", "input_size": None, "max_k": 5, "max_batch_size": 16, "batch_wait_ms": 10.0,
-    "max_bytes": 10_000_000, "max_pixels": 40_000_000, "num_cpus": 1.0, "samples": None, "noise": None, "steps": None,
+    "max_bytes": 10_000_000, "max_pixels": 40_000_000, "num_cpus": 1.0,
+    **dict.fromkeys(SAMPLING),  # None: the Explainer's default, or an ONNX export's own
 }
 
 
@@ -459,16 +460,9 @@ class ExplainService:
 # -- The application builder: `serve run fastattr.serve:app NAME=VALUE ...` and config files -------------------
 
 
-def _optional_str(value: Any) -> str | None:
-    return None if value in (None, "", "none", "None") else str(value)
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value in (None, "", "none", "None") else int(value)
-
-
-def _optional_float(value: Any) -> float | None:
-    return None if value in (None, "", "none", "None") else float(value)
+def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`convert`, reading None, "", "none" and "None" as not given (None)."""
+    return lambda value: None if value in (None, "", "none", "None") else convert(value)
 
 
 def _methods_list(value: Any) -> tuple[str, ...] | None:
@@ -489,10 +483,10 @@ def _bool(value: Any) -> bool:
 
 
 _CONVERT: dict[str, Callable[[Any], Any]] = {
-    "model": str, "weights": _optional_str, "layer": _optional_str, "methods": _methods_list, "onnx": _optional_str,
-    "compile": _bool, "device": str, "input_size": _optional_int, "max_k": int, "max_batch_size": int,
-    "batch_wait_ms": float, "max_bytes": int, "max_pixels": int, "num_cpus": float, "samples": _optional_int,
-    "noise": _optional_float, "steps": _optional_int,
+    "model": str, "weights": _optional(str), "layer": _optional(str), "methods": _methods_list, "onnx": _optional(str),
+    "compile": _bool, "device": str, "input_size": _optional(int), "max_k": int, "max_batch_size": int,
+    "batch_wait_ms": float, "max_bytes": int, "max_pixels": int, "num_cpus": float, "samples": _optional(int),
+    "noise": _optional(float), "steps": _optional(int),
 }
 _AT_LEAST = {"input_size": 1, "max_k": 1, "max_batch_size": 1, "batch_wait_ms": 0, "max_bytes": 1, "max_pixels": 1,
              "num_cpus": 0, "samples": 1, "noise": 0, "steps": 1}
