@@ -137,7 +137,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
 
     traced, example_args, meta = _traced(model, layer, methods, k, input_shape, with_classes, options,
                                          graph.ONNX_DECOMPOSITIONS)
-    traced = graph.resize_ops_for_onnx(traced).eval()
+    traced = graph.one_hot_products_as_gathers(graph.resize_ops_for_onnx(traced)).eval()
     try:
         program = torch.onnx.export(traced, example_args, dynamo=True, opset_version=opset, optimize=False,
                                     dynamic_shapes=graph.batch_dims(example_args), verbose=False)

@@ -32,6 +32,9 @@ from .errors import MethodError
 
 def _cam(weights: Tensor, acts: Tensor) -> Tensor:
     """ReLU(sum_c weights_c * A_c), the form every CAM shares; `weights` is `[N, K, C, 1, 1]` or `[N, K, C, h, w]`."""
+    if weights.shape[-2:] == (1, 1):
+        # One weight per channel: a batched matrix product, not a [N, K, C, h, w] product summed over C.
+        return torch.einsum("nkc,nchw->nkhw", weights[..., 0, 0], acts).relu()
     return (weights * acts.unsqueeze(1)).sum(-3).relu()
 
 

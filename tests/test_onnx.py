@@ -229,12 +229,38 @@ def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(ex
     assert foldable == [("Transpose", [512 * 1000])]
 
 
-def test_maps_are_upsampled_by_one_resize_not_by_index_gathers(exports):
+def test_maps_are_upsampled_by_two_matmuls_not_by_a_resize_or_index_gathers(exports):
     # Traced through autograd, a bilinear resize becomes four GatherNDs: resnet18's top-5 Grad-CAM in onnxruntime
-    # ran at 0.72x its plain inference with them, 0.94x with one Resize (benchmarks/results/cpu-backends.json).
-    ops = [n.op_type for n in onnx.load(str(exports("resnet18"))).graph.node]
-    assert ops.count("Resize") == 1  # Grad-CAM's 2x2 maps; saliency's are at the input's size already
-    assert "GatherND" not in ops
+    # ran at 0.72x its plain inference with them, 0.94x with one Resize (benchmarks/results/cpu-backends.json);
+    # as R_h @ maps @ R_w^T the upsampling took half the Resize's time in onnxruntime's profile.
+    nodes = onnx.load(str(exports("resnet18"))).graph.node
+    producer = {o: n for n in nodes for o in n.output}
+    last = producer["gradcam"]  # Grad-CAM's 2x2 maps; saliency's are at the input's size already
+    assert (last.op_type, producer[last.input[0]].op_type) == ("MatMul", "MatMul")
+    assert not {"Resize", "GatherND"} & {n.op_type for n in nodes}
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_a_resize_as_interpolation_matrices_equals_torchs_bilinear_resize(align_corners):
+    from fastattr import graph
+
+    def upsample(maps):
+        return torch.nn.functional.interpolate(maps, size=(9, 11), mode="bilinear", align_corners=align_corners)
+
+    maps = torch.rand(5, 3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    traced = graph.resize_ops_for_onnx(graph.trace(upsample, (maps,)))
+    assert torch.ops.aten.matmul.default in {n.target for n in traced.graph.nodes}
+    torch.testing.assert_close(traced(maps), upsample(maps), rtol=0, atol=1e-15)
+
+
+def test_the_classifiers_backward_gathers_the_classes_weight_rows_instead_of_multiplying_by_one_hots(exports):
+    # One-hot cotangents [K * N, 1000] times the weight [1000, 512] in resnet18: the same numbers as a row gather.
+    graph = onnx.load(str(exports("resnet18"))).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    transposed = {o: shapes.get(n.input[0], [])[::-1] for n in graph.node if n.op_type == "Transpose" for o in n.output}
+    gathered = [shapes.get(n.input[0]) or transposed.get(n.input[0]) for n in graph.node if n.op_type == "Gather"]
+    assert [1000, 512] in gathered
+    assert "Equal" not in [n.op_type for n in graph.node]  # no one-hot is built
 
 
 def test_every_method_exports_to_one_file_whose_outputs_equal_the_torch_path(tmp_path):
