@@ -774,6 +774,14 @@ def _convolution_input_grad(grad_output, input, weight, bias_sizes, stride, padd
     if transposed or weight.ndim != 4:
         raise ExportError(f"export: the gradient of a {'transposed ' if transposed else ''}{weight.ndim - 2}-D "
                           "convolution has no ONNX translation in fastattr; only 2-D convolutions are supported")
+    reach = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if all(s == 1 for s in stride) and all(0 <= p <= r for p, r in zip(padding, reach)):
+        # Unstrided, the transposed convolution is a convolution with the kernel flipped and its channel axes
+        # swapped per group, which onnxruntime runs 1.2-2.4x faster than a ConvTranspose of the same sizes.
+        flipped = weight.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1).flip(-2, -1)
+        grad_input = torch.nn.functional.conv2d(grad_output, flipped, None, 1, [r - p for r, p in zip(reach, padding)],
+                                                dilation, groups)
+        return grad_input, None, None
     extra = _output_padding(input, grad_output, weight.shape[2:], stride, padding, dilation)
     grad_input = torch.nn.functional.conv_transpose2d(grad_output, weight, None, stride, padding, extra, groups, dilation)
     return grad_input, None, None
@@ -808,6 +816,12 @@ def _adaptive_avg_pool2d_input_grad(grad_output: Tensor, input: Tensor) -> Tenso
     return p_h.T @ grad_output @ p_w
 
 
+def _threshold_input_grad(grad_output: Tensor, x: Tensor, threshold: float) -> Tensor:
+    # ReLU's backward as a product with its mask, not a Where: onnxruntime ran resnet18's 17 Wheres at batch 16
+    # in 127 ms a call, its Muls of the same sizes in 10 ms. Only an infinite or NaN gradient differs (NaN, not 0).
+    return grad_output * (x <= threshold).logical_not().to(grad_output.dtype)
+
+
 def _silu_input_grad(grad_output: Tensor, x: Tensor) -> Tensor:
     sig = torch.sigmoid(x)
     return grad_output * sig * (1 + x * (1 - sig))
@@ -840,6 +854,7 @@ def _max_pool2d_input_grad(grad_output, input, kernel_size, stride, padding, dil
 ONNX_DECOMPOSITIONS = {
     torch.ops.aten.max_pool2d_with_indices_backward.default: _max_pool2d_input_grad,
     torch.ops.aten.silu_backward.default: _silu_input_grad,
+    torch.ops.aten.threshold_backward.default: _threshold_input_grad,
     torch.ops.aten.avg_pool2d_backward.default: _avg_pool2d_input_grad,
     torch.ops.aten.convolution_backward.default: _convolution_input_grad,
     torch.ops.aten._adaptive_avg_pool2d_backward.default: _adaptive_avg_pool2d_input_grad,

@@ -182,6 +182,34 @@ def test_average_pooling_and_silu_gradients_export_for_odd_sizes(tmp_path):
     assert_same_explanation(fastattr.OnnxExplainer(path)(x), want)
 
 
+@pytest.mark.parametrize("stride, padding, dilation, groups", [
+    (1, 1, 1, 1), (1, 0, 1, 1), (1, 2, 2, 1), (1, 1, 1, 4), (1, (0, 2), 1, 2), (2, 1, 1, 1), (2, 0, 1, 4)])
+def test_a_convolutions_input_gradient_equals_autograds_as_a_conv_or_a_transposed_conv(stride, padding, dilation,
+                                                                                       groups):
+    from fastattr import graph
+
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(2, 8, 9, 9, dtype=torch.float64, generator=g), torch.randn(12, 8 // groups, 3, 3, dtype=torch.float64, generator=g)
+    out = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+    grad_output = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    pair = (lambda v: (v, v) if isinstance(v, int) else v)
+    want = torch.ops.aten.convolution_backward(grad_output, x, weight, None, pair(stride), pair(padding), pair(dilation),
+                                               False, [0, 0], groups, [True, False, False])[0]
+    got = graph.ONNX_DECOMPOSITIONS[torch.ops.aten.convolution_backward.default](
+        grad_output, x, weight, None, pair(stride), pair(padding), pair(dilation), False, [0, 0], groups,
+        [True, False, False])[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_unstrided_convolution_gradients_export_as_convs_and_relu_gradients_as_products(exports):
+    # onnxruntime ran a ConvTranspose 1.2-2.4x slower than the Conv it equals when unstrided, and ReLU's backward
+    # as a Where ~10x slower than as a Mul (benchmarks/results/onnx-profile.md: resnet18 saliency, batch 16).
+    strided = sum(m.stride != (1, 1) for m in model("resnet18").modules() if isinstance(m, nn.Conv2d))
+    ops = [n.op_type for n in onnx.load(str(exports("resnet18"))).graph.node]
+    assert (strided, ops.count("ConvTranspose")) == (7, 3 * 7)  # saliency's backward traced once per class, k=3
+    assert "Where" not in ops
+
+
 class ChannelsLastBlock(nn.Module):
     """ConvNeXt's pattern in small: a block that permutes to [N, H, W, C] and back, so the activation that
     reaches the global average pool has channels-last strides."""
@@ -224,9 +252,10 @@ def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(ex
     sizes |= {o: 1 for n in graph.node if n.op_type == "Constant" for o in n.output}
     foldable = [(n.op_type, [sizes[i] for i in n.input]) for n in graph.node
                 if n.op_type != "Constant" and n.input and all(i in sizes for i in n.input if i)]
-    # The one left is the classifier's weight transposed for the backward: folding it would store the
-    # 512 x 1000 weight a second time.
-    assert foldable == [("Transpose", [512 * 1000])]
+    # Those left would each store a weight a second time: the classifier's transposed for the backward, and each
+    # unstrided convolution's, flipped for its input gradient (onnxruntime folds them in memory when it loads).
+    unstrided = [m.weight.numel() for m in model("resnet18").modules() if isinstance(m, nn.Conv2d) and m.stride == (1, 1)]
+    assert sorted(foldable) == sorted([("Transpose", [512 * 1000])] + [("Reshape", [n, 5]) for n in unstrided])
 
 
 def test_maps_are_upsampled_by_two_matmuls_not_by_a_resize_or_index_gathers(exports):
