@@ -202,8 +202,8 @@ def test_a_convolutions_input_gradient_equals_autograds_as_a_conv_or_a_transpose
 
 
 def test_unstrided_convolution_gradients_export_as_convs_and_relu_gradients_as_products(exports):
-    # onnxruntime ran a ConvTranspose 1.2-2.4x slower than the Conv it equals when unstrided, and ReLU's backward
-    # as a Where ~10x slower than as a Mul (benchmarks/results/onnx-profile.md: resnet18 saliency, batch 16).
+    # With both, onnxruntime's call of resnet18's saliency at batch 16 went from 657-709 ms to 504-516 ms
+    # (benchmarks/results/onnx-profile.md).
     strided = sum(m.stride != (1, 1) for m in model("resnet18").modules() if isinstance(m, nn.Conv2d))
     ops = [n.op_type for n in onnx.load(str(exports("resnet18"))).graph.node]
     assert (strided, ops.count("ConvTranspose")) == (7, 3 * 7)  # saliency's backward traced once per class, k=3
