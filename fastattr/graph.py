@@ -714,11 +714,16 @@ def _one_hot_source(node: fx.Node) -> fx.Node | None:
     return classes if value is not None and value.ndim and value.shape[-1] == 1 else None
 
 
+def _input_batch_sizes(gm: fx.GraphModule) -> list[int | torch.SymInt]:
+    """The first dimension of each tensor input of a traced graph: symbolic while the batch is dynamic."""
+    values = (node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder"))
+    return [value.shape[0] for value in values if isinstance(value, Tensor) and value.ndim]
+
+
 def _batch_symbols(gm: fx.GraphModule) -> set:
     from torch.fx.experimental.symbolic_shapes import free_symbols
 
-    return {symbol for node in gm.graph.find_nodes(op="placeholder") if isinstance(node.meta.get("val"), Tensor)
-            and node.meta["val"].ndim for symbol in free_symbols(node.meta["val"].shape[0])}
+    return {symbol for size in _input_batch_sizes(gm) for symbol in free_symbols(size)}
 
 
 def _static_size(size: int | torch.SymInt, batch: set) -> int | None:
@@ -752,11 +757,7 @@ def fixed_batch(graph_module: fx.GraphModule) -> int | None:
     """The batch size a traced graph fixed, or None while its inputs' first dimension is still symbolic."""
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-    for node in graph_module.graph.find_nodes(op="placeholder"):
-        value = node.meta.get("val")
-        if isinstance(value, Tensor) and value.ndim and is_concrete_int(value.shape[0]):
-            return int(value.shape[0])
-    return None
+    return next((int(size) for size in _input_batch_sizes(graph_module) if is_concrete_int(size)), None)
 
 
 def export(graph_module: fx.GraphModule, example: tuple[Tensor, ...]) -> torch.export.ExportedProgram:

@@ -71,6 +71,15 @@ def test_explicit_classes_as_a_second_input(tmp_path):
     assert_same_explanation(fastattr.OnnxExplainer(path)(x, classes), want)
 
 
+@pytest.mark.parametrize("bad", [1000, -1])
+def test_a_class_index_outside_the_models_classes_is_refused_before_onnxruntime_gathers_it(tmp_path, bad):
+    # The graph gathers each class's weight row: onnxruntime would fail on 1000 and read -1 as class 999.
+    path = fastattr.export_onnx(model("resnet18"), tmp_path / "classes.onnx", layer="layer4", methods=("gradcam",),
+                                k=1, input_shape=(3, 64, 64), with_classes=True)
+    with pytest.raises(fastattr.InputError, match=r"classes: indices must be in 0\.\.999"):
+        fastattr.OnnxExplainer(path)(images(2), torch.tensor([[3], [bad]]))
+
+
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])
 def test_a_gradcam_export_keeps_the_batch_dynamic_whether_its_k_classes_vmap_or_loop(tmp_path, layer):
     # At layer4 the K-class backward is vmapped (above it: pooling and the classifier); at layer3 vmapping
