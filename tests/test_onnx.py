@@ -270,7 +270,7 @@ def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(ex
 def test_maps_are_upsampled_by_two_matmuls_not_by_a_resize_or_index_gathers(exports):
     # Traced through autograd, a bilinear resize becomes four GatherNDs: resnet18's top-5 Grad-CAM in onnxruntime
     # ran at 0.72x its plain inference with them, 0.94x with one Resize (benchmarks/results/cpu-backends.json);
-    # as R_h @ maps @ R_w^T (with the gather below) the ops resnet18's explanation adds took 3.2 ms a call at batch 16
+    # as R_h @ maps @ R_w^T (with the gather below) the ops resnet18's explanation adds took 3.3 ms a call at batch 16
     # instead of 6 ms (benchmarks/results/onnx-profile.md).
     nodes = onnx.load(str(exports("resnet18"))).graph.node
     producer = {o: n for n in nodes for o in n.output}
