@@ -44,7 +44,7 @@ def offline_images_per_s(backend, photos: list[bytes], batch: int, n: int) -> fl
         count = min(batch, n - first)
         stack = torch.stack([load_image(photos[(first + i) % len(photos)], backend.input_size, 1 << 30, 1 << 30)
                              for i in range(count)])
-        backend.run(images.normalize(stack), None, K)
+        backend(images.normalize(stack), None, K)
     return n / (time.perf_counter() - start)
 
 
@@ -54,7 +54,7 @@ def expected_answers(backend, photos: list[bytes]) -> list[tuple[list[int], dict
 
     answers = []
     for data in photos:
-        out = backend.run(images.normalize(load_image(data, backend.input_size, 1 << 30, 1 << 30)[None]), None, K)
+        out = backend(images.normalize(load_image(data, backend.input_size, 1 << 30, 1 << 30)[None]), None, K).cpu()
         answers.append((out.classes[0].tolist(),
                         {m: (v[0] * 255).round().to(torch.uint8).numpy() for m, v in out.maps.items()}))
     return answers
@@ -110,13 +110,14 @@ def run_config(args: argparse.Namespace, weights: str) -> dict:
     from ray import serve
 
     import fastattr.serve as fserve
+    from fastattr.build import build
+    from fastattr.options import spec_from_args
 
     photos = [p.read_bytes() for p in PHOTOS]
     options = {"model": args.model, "weights": weights, "input_size": args.input_size, "methods": ("gradcam",),
                "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_k": K,
                "compile": args.backend == "compiled", "num_cpus": args.num_cpus}
-    backend = fserve.build_backend(**{k: v for k, v in options.items()
-                                      if k not in ("max_batch_size", "batch_wait_ms", "num_cpus")})
+    backend = build(spec_from_args(options))  # the pipeline each replica builds, run here without a server
     expected = expected_answers(backend, photos)
     offline_n = max(2 * args.max_batch_size, args.requests // 2)
     offline_images_per_s(backend, photos, args.max_batch_size, args.max_batch_size)  # warm-up

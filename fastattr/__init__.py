@@ -10,7 +10,7 @@ from . import files, images, overlay, reference, tokens, zoo
 from .errors import CompileError, ExportError, FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
 from .explain import Explainer, Explanation, explain
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
-from .graph import default_layer, layers
+from .layers import default_layer, layers
 from .methods import METHODS
 
 __all__ = [

@@ -16,12 +16,10 @@ floor to compare with. A file given as `--model` carries its own methods, k, lay
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,50 +30,26 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import cli, methods as _methods, zoo
+from . import build
 from .errors import FastattrError
-from .explain import Explainer
-from .export import OnnxExplainer, export_onnx, load_program
+from .options import add_spec_arguments, spec_from_args
 
 __all__ = ["add_arguments", "run", "latency_stats"]
 
-BACKENDS = ("eager", "compiled", "onnx", "inference")
-FILE_SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
-DEFAULTS = {"methods": "gradcam", "k": 5, "input_size": 224, "iters": 20}
+# The timing's own options; what is timed takes the spec's defaults (`fastattr.build.DEFAULTS`).
+BACKENDS = (*build.BACKENDS, "inference")
+DEFAULTS = {"iters": 20}
 
 
 class _Usage(Exception):
     """A mistake in the command's arguments, reported as `fastattr: error: ...` with exit status 2."""
 
 
-class _Reported(Exception):
-    """An error already printed (by `cli.load_model`), carrying its exit status."""
-
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `bench` options to `parser` (the `fastattr bench` subcommand's parser)."""
-    # Options a file export fixes default to None, so that an explicit conflicting value can be told apart.
-    parser.add_argument("--model", default="resnet50", metavar="NAME_OR_FILE",
-                        help="efficientnet_lite0, a torchvision model name, or a fastattr export: a .onnx file (onnxruntime) or a .pt2 "
-                             "program (default: resnet50)")
-    parser.add_argument("--weights", type=Path, metavar="FILE",
-                        help="a state-dict file for a torchvision model (default: random weights)")
-    parser.add_argument("--layer", help="target layer by module path (default: the model's last feature map)")
-    parser.add_argument("--methods", metavar="LIST",
-                        help=f"comma-separated method names (default: {DEFAULTS['methods']})")
-    parser.add_argument("--k", type=int, help=f"classes explained per image, the top-k (default: {DEFAULTS['k']})")
+    add_spec_arguments(parser, backends=BACKENDS)
     parser.add_argument("--batch-sizes", default="1,16", metavar="LIST",
                         help="comma-separated batch sizes (default: 1,16)")
-    parser.add_argument("--input-size", type=int, metavar="PIXELS",
-                        help=f"image height and width (default: {DEFAULTS['input_size']})")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="eager or compiled Explainer, onnx (exported, run in onnxruntime) or inference (the plain "
-                             "forward, the floor); default: eager, or what a file given as --model implies")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     parser.add_argument("--warmup", type=int, default=3, metavar="N",
                         help="untimed calls per batch size, the first reported as first_call_s (it compiles, for "
                              "--backend compiled); default: 3")
@@ -134,13 +108,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark `args` describes: print the table, write the JSON if asked; 0, or 2 on a usage error."""
     try:
         settings = _settings(args)
-        with contextlib.ExitStack() as stack:  # holds the temporary ONNX export until the timing is done
-            target = _target(args, settings, stack)
-            rows = [_bench_batch(target, n, settings, progress=not args.no_progress) for n in settings.batch_sizes]
-    except _Reported as exc:
-        return exc.code
+        target = _target(args, settings)
+        rows = [_bench_batch(target, n, settings, progress=not args.no_progress) for n in settings.batch_sizes]
     except (_Usage, FastattrError) as exc:
-        return cli._usage_error(str(exc))
+        print(f"fastattr: error: {exc}", file=sys.stderr)
+        return 2
     meta = _metadata(target, settings)
     print(_table(meta, rows))
     if args.json is not None:
@@ -172,108 +144,41 @@ def _settings(args: argparse.Namespace) -> _Settings:
         raise _Usage(f"--iters: must be >= 1, got {args.iters}")
     if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
         raise _Usage(f"--seconds: must be a positive number, got {args.seconds}")
-    if args.k is not None and args.k < 1:
-        raise _Usage(f"--k: must be >= 1, got {args.k}")
-    if args.input_size is not None and args.input_size < 1:
-        raise _Usage(f"--input-size: must be >= 1, got {args.input_size}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        why = ("this torch build has no CUDA support" if torch.version.cuda is None
-               else f"torch {torch.__version__} finds no CUDA device or driver")
-        raise _Usage(f"--device cuda: no GPU available ({why}); use --device cpu")
+    build.check_device(spec_from_args(args, backend=None), "--")
     iters = DEFAULTS["iters"] if args.iters is None and args.seconds is None else args.iters
     return _Settings(sizes, torch.device(args.device), args.warmup, iters, args.seconds)
 
 
-def _target(args: argparse.Namespace, settings: _Settings, stack: contextlib.ExitStack) -> _Target:
-    suffix = Path(args.model).suffix.lower()
-    if suffix in FILE_SUFFIXES:
-        return _file_target(args, settings, FILE_SUFFIXES[suffix])
-    if Path(args.model).is_file():
-        raise _Usage(f"--model {args.model!r}: a file must be a fastattr export ending in .onnx or .pt2 "
-                     "(or pass a torchvision model name)")
-    return _model_target(args, settings, stack)
-
-
-def _model_target(args: argparse.Namespace, settings: _Settings, stack: contextlib.ExitStack) -> _Target:
-    backend = args.backend or "eager"
-    methods = _methods.resolve(tuple(m for m in (args.methods or DEFAULTS["methods"]).split(",") if m))
-    k = DEFAULTS["k"] if args.k is None else args.k
-    shape = (3, args.input_size or DEFAULTS["input_size"], args.input_size or DEFAULTS["input_size"])
-    device = settings.device
-    if backend == "onnx":
-        providers = _onnx_providers(device)  # before the export, which takes a while
-    try:
-        model = cli.load_model(args.model, args.weights)
-    except SystemExit as exc:  # load_model printed the error and exits for the `export` command; we return
-        raise _Reported(exc.code if isinstance(exc.code, int) else 2) from None
-    common = dict(model=args.model, backend=backend, input_shape=shape)
-    layer = args.layer or zoo.default_layer(args.model, model)
-
-    if backend == "inference":
-        model = model.to(device)
+def _target(args: argparse.Namespace, settings: _Settings) -> _Target:
+    if args.backend == "inference":
+        spec = spec_from_args(args, backend=None)
+        if spec.export_file is not None:
+            raise _Usage(f"--backend inference: times a model's plain forward; {args.model!r} is an export, so pass a "
+                         "model name")
+        model = build.load_model(spec, "--")
+        size = spec.input_size or build.DEFAULTS["input_size"]
+        shape = (3, size, size)
 
         def infer(images: Tensor) -> Tensor:
             with torch.inference_mode():
                 return model(images)
-        return _Target(infer, _images(shape, device), methods=[], k=None, layer=None, **common)
-
-    if backend == "onnx":
-        path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastattr-bench-"))) / "model.onnx"
-        start = time.perf_counter()
-        export_onnx(model, path, layer=layer, methods=methods, k=k, input_shape=shape)
-        export_s = time.perf_counter() - start
-        explainer = OnnxExplainer(path, providers=providers)
-        return _Target(explainer, _images(shape, torch.device("cpu")), methods=list(explainer.methods), k=k,
-                       layer=explainer.meta["layer"], extra={"export_s": export_s, **_onnx_versions(explainer)},
-                       **common)
-
-    explainer = Explainer(model.to(device), layer=layer, methods=methods, compile=backend == "compiled")
-    return _Target(lambda images: explainer(images, k=k), _images(shape, device), methods=list(explainer.methods),
-                   k=k, layer=explainer.layer, **common)
-
-
-def _file_target(args: argparse.Namespace, settings: _Settings, kind: str) -> _Target:
-    if args.backend is not None and args.backend != kind:
-        implied = "onnx" if kind == "onnx" else "none (a .pt2 program runs as it was exported)"
-        raise _Usage(f"--backend {args.backend}: {args.model!r} is a .{kind} export, which sets the backend: "
-                     f"{implied}; drop --backend or pass a torchvision model name")
-    if args.weights is not None:
-        raise _Usage(f"--weights: {args.model!r} is an export that holds its weights; drop --weights")
-    if kind == "onnx":
-        explainer = OnnxExplainer(args.model, providers=_onnx_providers(settings.device))
-        extra, image_device = _onnx_versions(explainer), torch.device("cpu")
-    else:
-        explainer = load_program(args.model)
-        extra, image_device = {}, settings.device
-    meta = explainer.meta
-    _check_same(args, meta)
-    shape = tuple(meta["input_shape"])
-    dtype = getattr(torch, meta["dtype"])
-    make_images = _images(shape, image_device, dtype)
+        return _Target(infer, _images(shape, settings.device), model=args.model, backend="inference", methods=[],
+                       k=None, layer=None, input_shape=shape)
+    pipeline = build.build(spec_from_args(args), "--")
+    shape = (3, pipeline.input_size, pipeline.input_size)
+    # onnxruntime takes its inputs from the host; the torch backends from the model's device.
+    device = torch.device("cpu") if pipeline.backend == "onnx" else settings.device
+    make_images = _images(shape, device)
 
     def make_inputs(n: int) -> tuple[Tensor, ...]:
-        if not meta["with_classes"]:
+        if pipeline.fixed_k is None or not pipeline.takes_classes:
             return make_images(n)
-        classes = torch.randint(0, meta["num_classes"], (n, meta["k"]), generator=torch.Generator().manual_seed(1))
-        return (*make_images(n), classes.to(image_device))
+        classes = torch.randint(0, pipeline.num_classes, (n, pipeline.fixed_k), generator=torch.Generator().manual_seed(1))
+        return (*make_images(n), classes.to(device))
 
-    call = explainer if kind == "onnx" else _device_checked(explainer, args.model, settings.device)
-    return _Target(call, make_inputs, model=args.model, backend=kind, methods=list(meta["methods"]), k=meta["k"],
-                   layer=meta["layer"], input_shape=shape, extra=extra)
-
-
-def _check_same(args: argparse.Namespace, meta: dict) -> None:
-    """An option given with a file must agree with the file: the export fixed it."""
-    given = {"--methods": (args.methods and list(_methods.resolve(tuple(m for m in args.methods.split(",") if m))),
-                           meta["methods"]),
-             "--k": (args.k, meta["k"]),
-             "--layer": (args.layer, meta["layer"]),
-             "--input-size": (args.input_size and [args.input_size] * 2, meta["input_shape"][-2:])}
-    for option, (value, fixed) in given.items():
-        if value is not None and value != fixed:
-            shown = "x".join(map(str, fixed)) if option == "--input-size" else fixed
-            raise _Usage(f"{option}: {args.model!r} was exported with {option.lstrip('-')} {shown}; drop "
-                         f"{option} or export again")
+    call = _device_checked(pipeline, args.model, settings.device) if pipeline.backend == "pt2" else pipeline
+    return _Target(call, make_inputs, model=args.model, backend=pipeline.backend, methods=list(pipeline.methods),
+                   k=pipeline.k, layer=pipeline.layer, input_shape=shape, extra=dict(pipeline.info))
 
 
 def _device_checked(program: Callable[..., object], path: str, device: torch.device) -> Callable[..., object]:
@@ -294,23 +199,6 @@ def _device_checked(program: Callable[..., object], path: str, device: torch.dev
         checked = True
         return out
     return call
-
-
-def _onnx_providers(device: torch.device) -> list[str]:
-    import onnxruntime as ort
-
-    if device.type == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise _Usage(f"--device cuda: onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
-                     f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use --device cpu")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def _onnx_versions(explainer: OnnxExplainer) -> dict:
-    import onnxruntime as ort
-
-    return {"onnxruntime": ort.__version__, "providers": explainer.session.get_providers()}
 
 
 def _images(shape: Sequence[int], device: torch.device,

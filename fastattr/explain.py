@@ -14,9 +14,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
-from . import graph, methods as _methods, postprocess, targets as _targets, tokens
+from . import compiling, graph, methods as _methods, postprocess, targets as _targets, tokens
 from .errors import CompileError, FastattrError, InputError, MethodError
 from .graph import OutputSelector
+from .guided import guided_split
+from .layers import default_layer, get_layer
 
 __all__ = ["Explanation", "Explainer", "explain"]
 
@@ -43,6 +45,15 @@ class Explanation:
     layer: str | None
     grads: dict[str, Tensor] = field(default_factory=dict)
     completeness: Tensor | None = None
+
+    def cpu(self) -> Explanation:
+        """This explanation detached and on the CPU, floating tensors as float32: for encoding and drawing."""
+        def host(t: Tensor) -> Tensor:
+            t = t.detach().cpu()
+            return t.float() if t.is_floating_point() else t
+        return Explanation(host(self.logits), host(self.classes), {m: host(v) for m, v in self.maps.items()},
+                           self.layer, {n: host(g) for n, g in self.grads.items()},
+                           None if self.completeness is None else host(self.completeness))
 
 
 # SmoothGrad's noisy copies per image and noise (a fraction of each image's value range), Integrated
@@ -118,18 +129,18 @@ class Explainer:
             raise MethodError(f"k_form: expected 'auto', 'loop' or 'vmap', got {k_form!r}")
         self.model = model
         self.methods = _methods.resolve(methods)
-        self._reads = _methods.reads(self.methods)
-        if self._reads & {"acts", "acts_grads"}:
-            self.layer = graph.default_layer(model) if layer is None else layer
-            graph.get_layer(model, self.layer)
+        self.reads = _methods.reads(self.methods)
+        if self.reads & {"acts", "acts_grads"}:
+            self.layer = default_layer(model) if layer is None else layer
+            get_layer(model, self.layer)
         else:
             self.layer = None
         self._layout = tokens.layout_of(model, reshape)
         self.split = graph.split(model, self.layer, output)
         self._whole = graph.split(model, None, output)
-        self._guided = graph.guided(model, output) if "guided_grads" in self._reads else None
+        self._guided = guided_split(model, output) if "guided_grads" in self.reads else None
         self.upsample, self.normalize, self.keep_grads = upsample, normalize, keep_grads
-        self._grad_names = [n for n, read in (("layer", "acts_grads"), ("input", "input_grads")) if read in self._reads]
+        self._grad_names = [n for n, read in (("layer", "acts_grads"), ("input", "input_grads")) if read in self.reads]
         self.samples, self.noise, self.seed = _count("samples", samples), _at_least_zero("noise", noise), seed
         self.steps, self.baseline = _count("steps", steps), _baseline(baseline)
         self._path = _methods.gauss_legendre(self.steps)
@@ -152,8 +163,8 @@ class Explainer:
                     f"compile: {type(model).__name__} runs on the eager hook path (torch.fx could not trace it), "
                     "which cannot be compiled; make the forward traceable or use compile=False")
             device = self._param.device if self._param is not None else None
-            self._compiled = graph.compile(self._pure, device=device, **options)
-            self._cudagraphs = graph.replays_cuda_graphs(device, **options)
+            self._compiled = compiling.compile_fullgraph(self.attribution, device=device, **options)
+            self._cudagraphs = compiling.replays_cuda_graphs(device, **options)
 
     def __repr__(self) -> str:
         return (f"Explainer({type(self.model).__name__}, layer={self.layer!r}, methods={self.methods}, "
@@ -162,27 +173,26 @@ class Explainer:
     def __call__(self, images: Tensor, classes: _targets.Classes = None, k: int | None = None,
                  noise: Tensor | None = None) -> Explanation:
         """Explain `images [N, C, H, W]` for `classes` (see `fastattr.targets`) or the top-`k` classes."""
-        self._check_images(images)
+        self.check_images(images)
         if self.model.training:
             warnings.warn("fastattr: the model is in training mode, so batch norm uses batch statistics and updates "
                           "its running stats, and dropout is random; call model.eval() first", stacklevel=2)
-        num_classes = self._count_classes(images)
+        num_classes = self.num_classes(images)
         target = _targets.resolve(classes, k, images.shape[0], num_classes, images.device)
         if noise is not None:
             self._check_noise(images, noise)
-        if "path_grads" in self._reads and isinstance(self.baseline, Tensor) \
+        if "path_grads" in self.reads and isinstance(self.baseline, Tensor) \
                 and tuple(self.baseline.shape[-3:]) != tuple(images.shape[1:]):
             raise InputError(f"baseline: shape {list(self.baseline.shape)} does not match the images "
                              f"{list(images.shape[1:])}; give a baseline [C, H, W] of the images' size")
-        return self.run(images, target.classes, target.k, noise)
+        return self._run(images, target.classes, target.k, noise)
 
-    def run(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None) -> Explanation:
-        """`__call__` without its checks: `classes [N, K]` (int64, on the images' device) or None for the
-        top-`k`. Runs the compiled graph when the explainer was built with `compile=`."""
-        if "noisy_grads" in self._reads and noise is None:
+    def _run(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None) -> Explanation:
+        # The checked inputs through the compiled graph, when there is one, else eagerly.
+        if "noisy_grads" in self.reads and noise is None:
             noise = draw_noise(images, self.samples, self.seed)
         if self._compiled is None:
-            logits, classes, maps, grads, completeness = self._pure(images, classes, k, noise)
+            logits, classes, maps, grads, completeness = self.attribution(images, classes, k, noise)
         else:
             logits, classes, maps, grads, completeness = self._run_compiled(images, classes, k, noise)
         return Explanation(logits, classes, dict(zip(self.methods, maps)), self.layer,
@@ -197,11 +207,27 @@ class Explainer:
         self(images, classes=classes, k=k)
         return time.perf_counter() - start
 
+    def prepare(self, image_shape: Sequence[int], k: int, named: Sequence[bool] = (False, True)) -> float:
+        """Run once for every graph that calls on images `[N, *image_shape]` at this `k` can need — N = 1 and
+        N >= 2 (the compiled batch dimension turns symbolic after N = 1), the top-k (`named` False) and named
+        classes (True) — so that no request pays for a compile. Returns the seconds it took.
+
+        >>> fastattr.Explainer(model, compile=True).prepare((3, 224, 224), k=5)   # doctest: +SKIP
+        """
+        start = time.perf_counter()
+        device = self._param.device if self._param is not None else None
+        dtype = self._param.dtype if self._param is not None else torch.float32
+        for n in (1, 2):
+            images = torch.zeros(n, *image_shape, dtype=dtype, device=device)
+            for given in named:
+                self(images, classes=torch.zeros(n, k, dtype=torch.long, device=device) if given else None, k=k)
+        return time.perf_counter() - start
+
     def _run_compiled(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None):
         signature = (tuple(images.shape), images.dtype, str(images.device), k, classes is None)
         if signature in self._past_limit:
-            return self._pure(images, classes, k, noise)
-        images, classes, noise = graph.mark_batch_dynamic(images, classes, noise)
+            return self.attribution(images, classes, k, noise)
+        images, classes, noise = compiling.mark_batch_dynamic(images, classes, noise)
         if signature in self.compile_seconds:
             return self._call_compiled(images, classes, k, noise)
         with self._lock:  # one compile per signature, even when threads arrive together
@@ -216,7 +242,7 @@ class Explainer:
                               f"({torch._dynamo.config.recompile_limit} graphs), so images {list(images.shape)}, "
                               f"k={k} run eagerly; keep the image sizes and K values per explainer few, or raise "
                               "torch._dynamo.config.recompile_limit", stacklevel=3)
-                return self._pure(images, classes, k, noise)
+                return self.attribution(images, classes, k, noise)
             if signature not in self.compile_seconds:
                 self.compile_seconds[signature] = seconds = time.perf_counter() - start
                 log.info("fastattr: first compiled call for images %s %s, k=%d took %.1f s (compiling, unless a graph "
@@ -232,8 +258,15 @@ class Explainer:
         torch.compiler.cudagraph_mark_step_begin()
         return tree_map_only(Tensor, Tensor.clone, self._compiled(*args))
 
-    def _pure(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None):
-        """The attribution as one pure function of tensors: what torch.compile and the exporters see."""
+    def attribution(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None):
+        """The attribution as one pure function of tensors, unchecked: what torch.compile and the exporters see.
+
+        `classes [N, K]` (int64, on the images' device) or None for the top-`k`; `noise` SmoothGrad's draw when a
+        method reads it. Returns (logits, classes, maps in `methods` order, raw gradients when `keep_grads`,
+        IG's completeness error or None). Call the explainer itself for checked inputs and an `Explanation`.
+
+        >>> logits, classes, maps, grads, completeness = explainer.attribution(images, None, 3)  # doctest: +SKIP
+        """
         with torch.autocast(images.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
             logits, classes, values, completeness = self._passes(images, classes, k, noise)
         values = {name: v.to(images.dtype) if v is not None and v.is_floating_point() else v for name, v in values.items()}
@@ -255,7 +288,7 @@ class Explainer:
     def _passes(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None):
         """The passes the methods' reads call for, sharing what they can: (logits, classes, tensors by name,
         IG's completeness error or None)."""
-        reads = self._reads
+        reads = self.reads
         p = graph.forward_backward(self.split, images, classes, k, layer_grads="acts_grads" in reads,
                                    input_grads="input_grads" in reads, k_form=self.k_form)
         classes = p.classes
@@ -294,7 +327,7 @@ class Explainer:
         return torch.full_like(images[:1], self.baseline)
 
     def _check_noise(self, images: Tensor, noise: Tensor) -> None:
-        if "noisy_grads" not in self._reads:
+        if "noisy_grads" not in self.reads:
             raise InputError(f"noise: only SmoothGrad reads noise, and the methods are {self.methods}")
         expected = (images.shape[0], self.samples, *images.shape[1:])
         if not isinstance(noise, Tensor) or tuple(noise.shape) != expected:
@@ -304,7 +337,9 @@ class Explainer:
             raise InputError(f"noise: expected {images.dtype} on {images.device} like the images, got {noise.dtype} "
                              f"on {noise.device}")
 
-    def _check_images(self, images: Tensor) -> None:
+    def check_images(self, images: Tensor) -> None:
+        """Raise `InputError` naming the problem and the fix unless `images` is a batch `[N, C, H, W]` this model
+        takes: a floating tensor of the parameters' dtype, on their device, with the stem's channel count."""
         if not isinstance(images, Tensor):
             raise InputError(f"images: expected a torch.Tensor [N, C, H, W], got {type(images).__name__}")
         if images.ndim != 4:
@@ -325,10 +360,12 @@ class Explainer:
             raise InputError(f"images: {type(self.model).__name__} takes {self._stem.in_channels} channels, got "
                              f"{images.shape[1]} (shape {list(images.shape)})")
 
-    def _count_classes(self, images: Tensor) -> int:
-        """The model's number of outputs for images like these, having checked that the layer's activation
-        lays out as a map (both once per image shape)."""
+    def num_classes(self, images: Tensor) -> int:
+        """The model's number of outputs for images like these (checked with `check_images` first), having checked
+        that the layer's activation lays out as a map; both once per image shape, by a shape-only pass."""
         key = (tuple(images.shape[1:]), images.dtype, images.device)
+        if key not in self._num_classes:
+            self.check_images(images)
         with self._lock:
             if key not in self._num_classes:
                 tokens.check_image_size(self._layout, tuple(images.shape[-2:]), type(self.model).__name__)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import graph, methods as _methods, targets
+from . import _export, methods as _methods, targets
 from .errors import ExportError, InputError
 from .explain import Explainer, Explanation, draw_noise
 
@@ -36,16 +35,15 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     # size would be specialised along with it (and N = 1 always is): take a batch size equal to none.
     n = next(n for n in (5, 7, 11, 13, 17, 19, 23) if n not in (k, *shape, explainer.samples, explainer.steps))
     example = torch.randn(n, *shape, dtype=param.dtype, device=param.device)
-    explainer._check_images(example)
-    num_classes = explainer._count_classes(example)
+    num_classes = explainer.num_classes(example)
     targets.resolve(None, k, n, num_classes, example.device)  # checks k as every entry point does
 
-    smooth, integrated = "noisy_grads" in explainer._reads, "path_grads" in explainer._reads
+    smooth, integrated = "noisy_grads" in explainer.reads, "path_grads" in explainer.reads
 
     def attribution(images: Tensor, *rest: Tensor):
         classes = rest[0] if with_classes else None
         noise = rest[-1] if smooth else None
-        logits, picked, maps, _, completeness = explainer._pure(images, classes, k, noise)
+        logits, picked, maps, _, completeness = explainer.attribution(images, classes, k, noise)
         return (logits, picked, *maps, *((completeness,) if integrated else ()))
 
     example_args = (example,)
@@ -64,7 +62,7 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
 
 def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: Sequence[int], with_classes: bool,
             options: dict, decompositions: dict | None = None):
-    """The attribution traced into one graph (`graph.trace`), its example inputs and its metadata.
+    """The attribution traced into one graph (`_export.trace`), its example inputs and its metadata.
 
     Unless `options` name a `k_form`, a backward that stays above the layer is first vmapped over the K
     classes: in onnxruntime one batched MatMul reads a classifier's weight once instead of K times (resnet50
@@ -78,12 +76,12 @@ def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: S
                                                    {**options, "k_form": form})
         try:
             with torch.no_grad():
-                traced = graph.trace(attribution, example_args, decompositions)
+                traced = _export.trace(attribution, example_args, decompositions)
         except Exception:
             if form == forms[-1]:
                 raise
             continue  # an op without a batching rule: the K calls trace without one
-        fixed = graph.fixed_batch(traced)
+        fixed = _export.fixed_batch(traced)
         if fixed is None:
             return traced, example_args, meta
     fix = ("export with k_form='loop'" if form == "vmap" else
@@ -105,7 +103,7 @@ def export_program(model: nn.Module, path: str | Path, *, layer: str | None = No
     >>> program = fastattr.load_program("resnet50-gradcam.pt2"); out = program(images)  # doctest: +SKIP
     """
     traced, example_args, meta = _traced(model, layer, methods, k, input_shape, with_classes, options)
-    program = graph.export(traced, example_args)
+    program = _export.to_exported_program(traced, example_args)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if aoti:
@@ -136,11 +134,11 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
     import onnx
 
     traced, example_args, meta = _traced(model, layer, methods, k, input_shape, with_classes, options,
-                                         graph.ONNX_DECOMPOSITIONS)
-    traced = graph.one_hot_products_as_gathers(graph.resize_ops_for_onnx(traced)).eval()
+                                         _export.ONNX_DECOMPOSITIONS)
+    traced = _export.one_hot_products_as_gathers(_export.resize_ops_for_onnx(traced)).eval()
     try:
         program = torch.onnx.export(traced, example_args, dynamo=True, opset_version=opset, optimize=False,
-                                    dynamic_shapes=graph.batch_dims(example_args), verbose=False)
+                                    dynamic_shapes=_export.batch_dims(example_args), verbose=False)
         _optimize(program.model)
         # Named after optimising, as torch.onnx does: the optimiser renames a graph input that is also an output
         # (the given classes are returned as they came).
@@ -189,16 +187,6 @@ def _optimize(model) -> None:
     optimizer.ir.passes.Sequential(*passes)(model)
 
 
-def refuse_other_sampling(meta: dict, path: str | Path, given: Mapping[str, Any], flag: str = "") -> None:
-    """Raise for a SmoothGrad or IG option in `given` (samples, noise, steps; None: not given) other than the
-    one the export in `path` was made with: the export fixed it, and ignoring it would return maps computed
-    with another value than the caller asked for."""
-    for name, value in given.items():
-        if value is not None and value != meta.get(name):
-            raise InputError(f"{flag}{name} {value}: {path} was exported with {name} {meta.get(name)}; drop "
-                             f"{flag}{name}, or export again with --{name} {value}")
-
-
 def _check_inputs(meta: dict, images: Tensor, classes: Tensor | None, noise: Tensor | None) -> tuple[Tensor, ...]:
     """The graph's inputs: the images, the classes when it takes them, and SmoothGrad's draw when it reads one
     (drawn from the export's seed unless given)."""
@@ -238,8 +226,8 @@ def _images_and_classes(meta: dict, images: Tensor, classes: Tensor | None) -> t
     if not isinstance(classes, Tensor) or tuple(classes.shape) != (images.shape[0], k) or classes.dtype.is_floating_point:
         got = f"{list(classes.shape)} {classes.dtype}" if isinstance(classes, Tensor) else repr(classes)
         raise InputError(f"classes: this export takes integer class indices [N, {k}], got {got}")
-    if bool(classes.min() < 0) or bool(classes.max() >= meta["num_classes"]):
-        raise InputError(f"classes: indices must be in 0..{meta['num_classes'] - 1}")
+    # The graph gathers rows of the classifier's weight by these indices: they are checked where every caller's are.
+    targets.resolve(classes, None, images.shape[0], meta["num_classes"], classes.device)
     return images, classes.to(torch.long)
 
 

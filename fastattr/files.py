@@ -76,7 +76,8 @@ def explain_files(paths: Iterable[str | Path], explain_batch: Callable[[Tensor],
                     bar.write(f"skipped {exc}")
             if batch:
                 display = torch.stack([image for _, image in batch]).to(device)
-                out = explain_batch(_images.normalize(display, mean, std))
+                out = explain_batch(_images.normalize(display, mean, std)).cpu()
+                display = display.cpu()
                 for i, (path, _) in enumerate(batch):
                     png = _unique_png(out_dir, path, taken)
                     line = _describe(path, png, out, i, class_names)

@@ -3,7 +3,7 @@
 The model loads once per worker (a callable class in `map_batches`); the number of workers and the batch
 size are options. On a laptop a local Ray instance is started for the run; `address=` joins a cluster.
 
->>> failed = fastattr.raydata.explain_to_parquet("photos/", "out/explained", k=3, workers=2)  # doctest: +SKIP
+>>> failed = fastattr.raydata.explain_to_parquet("photos/", "out/explained", Spec(k=3), workers=2)  # doctest: +SKIP
 
 Files are read as bytes (`ray.data.read_binary_files`) and decoded by fastattr rather than by
 `ray.data.read_images`, which fails the whole run on one corrupt file: here an unreadable file is
@@ -20,32 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import images as _images, zoo
+from . import images as _images
+from .build import Spec, build
 from .errors import InputError
 
 __all__ = ["ExplainBatch", "explain_to_parquet"]
 
 
 class ExplainBatch:
-    """The `map_batches` callable: built once per worker, then `{"path", "bytes"}` batches to result rows.
-    Rows of unreadable files carry their `error` and empty results, so the caller can report and drop them."""
+    """The `map_batches` callable: built once per worker from a `Spec`, then `{"path", "bytes"}` batches to result
+    rows. Rows of unreadable files carry their `error` and empty results, so the caller can report and drop them."""
 
-    def __init__(self, model: str = zoo.PRETRAINED, weights: str | None = None, layer: str | None = None,
-                 methods: Sequence[str] = ("gradcam", "saliency"), k: int = 3, input_size: int = 224,
-                 onnx: str | None = None, method_options: dict | None = None):
-        import fastattr
-
-        self.size, self.k = input_size, k
-        if onnx is not None:
-            self.explainer = fastattr.OnnxExplainer(onnx)
-            self.size, self.k = self.explainer.meta["input_shape"][-1], self.explainer.k
-            self.methods = self.explainer.methods
-        else:
-            net = zoo.load_model(model, weights)
-            explainer = fastattr.Explainer(net, layer=layer or zoo.default_layer(model, net), methods=methods,
-                                           **(method_options or {}))
-            self.explainer, self.methods = (lambda x: explainer(x, k=k)), explainer.methods
-        self.names = zoo.imagenet_classes()
+    def __init__(self, spec: Spec):
+        self.pipeline = build(spec)
+        self.size, self.k, self.methods = self.pipeline.input_size, self.pipeline.k, self.pipeline.methods
+        self.names = self.pipeline.names or ()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         decoded, errors = [], []
@@ -62,7 +51,7 @@ class ExplainBatch:
         probabilities = np.zeros((n, k), dtype=np.float32)
         maps = {m: np.zeros((n, k, self.size, self.size), dtype=np.uint8) for m in self.methods}
         if good:
-            out = self.explainer(_images.normalize(torch.stack([decoded[i] for i in good])))
+            out = self.pipeline(_images.normalize(torch.stack([decoded[i] for i in good])))
             classes[good] = out.classes.numpy()
             probabilities[good] = out.logits.float().softmax(-1).gather(1, out.classes).numpy()
             for m in self.methods:
@@ -72,24 +61,17 @@ class ExplainBatch:
                 "probabilities": probabilities, **{f"map_{m}": v for m, v in maps.items()}}
 
 
-def explain_to_parquet(paths: str | Sequence[str], out: str | Path, *, model: str = zoo.PRETRAINED,
-                       weights: str | None = None, layer: str | None = None,
-                       methods: Sequence[str] = ("gradcam", "saliency"), k: int = 3, input_size: int = 224,
-                       onnx: str | None = None, workers: int = 1, batch_size: int = 16,
-                       address: str | None = None, method_options: dict | None = None) -> list[str]:
-    """Explain every file under `paths` on Ray Data and write Parquet to the folder `out`. Returns the
-    reasons of the files that were not readable images (those have no row). `method_options` go to each
-    worker's `Explainer` (`samples`, `noise`, `seed`, `steps`, `baseline`); an ONNX export refuses values
-    other than its own.
+def explain_to_parquet(paths: str | Sequence[str], out: str | Path, spec: Spec = Spec(), *, workers: int = 1,
+                       batch_size: int = 16, address: str | None = None) -> list[str]:
+    """Explain every file under `paths` on Ray Data with what `spec` builds, and write Parquet to the folder
+    `out`. Returns the reasons of the files that were not readable images (those have no row).
 
+    The spec is built once here first, so that a bad one fails before Ray starts; then once per worker.
     Local paths are listed as `fastattr explain` lists them (folders: files with an image suffix); a URI
     (`s3://...`) goes to Ray as it is."""
     import ray
 
-    if onnx is not None and method_options:
-        from .export import OnnxExplainer, refuse_other_sampling
-
-        refuse_other_sampling(OnnxExplainer(onnx).meta, onnx, method_options)
+    build(spec)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not any("://" in str(p) for p in paths):
         paths = [str(p) for p in _images.find(paths)[0]]
@@ -107,8 +89,7 @@ def explain_to_parquet(paths: str | Sequence[str], out: str | Path, *, model: st
         files = ray.data.read_binary_files(paths, include_paths=True)
         explained = files.map_batches(
             ExplainBatch, batch_size=batch_size, concurrency=workers, batch_format="numpy",
-            fn_constructor_kwargs=dict(model=model, weights=weights, layer=layer, methods=tuple(methods), k=k,
-                                       input_size=input_size, onnx=onnx, method_options=method_options)).materialize()
+            fn_constructor_kwargs=dict(spec=spec)).materialize()
         from ray.data.expressions import col
 
         failed = [row["error"] for row in explained.filter(expr=col("error") != "").iter_rows()]

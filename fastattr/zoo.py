@@ -24,7 +24,6 @@ __all__ = ["PRETRAINED", "efficientnet_lite0", "lite0_key_map", "imagenet_classe
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 PRETRAINED = "efficientnet_lite0"
-DEFAULT_LAYERS = {PRETRAINED: "bn2"}  # timm's bn2 is BatchNorm + ReLU6 after conv_head: the last feature map
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -119,10 +118,3 @@ def load_model(name: str = PRETRAINED, weights: str | Path | None = None) -> nn.
             raise FastattrError(f"weights {str(weights)!r}: cannot load it into {name} "
                                 f"({type(exc).__name__}: {str(exc)[:300]})") from None
     return model.eval()
-
-
-def default_layer(name: str, model: nn.Module) -> str:
-    """The target layer to use when none is named: a per-model choice where one is known, else the graph's."""
-    from .graph import default_layer as last_conv_block
-
-    return DEFAULT_LAYERS.get(name) or last_conv_block(model)

@@ -1,6 +1,7 @@
 """Report on a benchmark-matrix JSON (benchmarks/test_matrix.py): a pivot table, a bar chart, a comparison.
 
-    .venv/bin/python scripts/bench_report.py table benchmarks/results/cpu-matrix.json [--readme README.md]
+    .venv/bin/python scripts/bench_report.py table benchmarks/results/cpu-matrix.json [--doc docs/performance.md]
+    .venv/bin/python scripts/bench_report.py serving benchmarks/results/cpu-serving.json [--doc docs/performance.md]
     .venv/bin/python scripts/bench_report.py chart benchmarks/results/cpu-matrix.json -o matrix.png [--width 1200]
     .venv/bin/python scripts/bench_report.py compare OLD.json NEW.json [--threshold 0.10]
 
@@ -9,9 +10,13 @@ batch, device) with the images/s of each case, the median over its reps, and the
 ratio to the floor (plain eager inference for Grad-CAM, a bare forward + backward to the input for
 saliency), to plain inference on its own backend, to the article's code and to the best peer (captum or
 pytorch-grad-cam). Under the table it lists every group where fastattr is not ahead: the best peer within
-10 % of it or faster, or the best fastattr backend under 0.9x the floor. With --readme, the table replaces
-the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, NAME being the JSON file's stem, as
-scripts/bench_table.py does.
+10 % of it or faster, or the best fastattr backend under 0.9x the floor. With --doc FILE (or its older
+name, --readme FILE; repeatable), the table replaces the block between `<!-- bench:NAME -->` and
+`<!-- /bench:NAME -->` in FILE, NAME being the JSON file's stem, as scripts/bench_table.py does; the
+benchmark tables live in docs/performance.md, and scripts/docs_tables.py regenerates every block of
+README.md and docs/*.md at once.
+
+`serving` prints (or, with --doc, writes) the table of a benchmarks/load_test.py results file.
 
 `chart` draws images/s per case for each group (log scale) into a PNG; it needs matplotlib (the `bench`
 extra).
@@ -235,13 +240,26 @@ def report(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(readme: str, name: str, text: str) -> str:
-    """`readme` with the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` replaced by `text`
-    (scripts/bench_table.py uses it too)."""
+def replace_block(doc: str, name: str, text: str) -> str:
+    """The markdown text `doc` with the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` replaced
+    by `text` (scripts/bench_table.py uses it too)."""
     pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
-    if not pattern.search(readme):
+    if not pattern.search(doc):
         raise ValueError(f"no block <!-- bench:{name} --> ... <!-- /bench:{name} --> to fill")
-    return pattern.sub(lambda m: m.group(1) + text + m.group(2), readme)
+    return pattern.sub(lambda m: m.group(1) + text + m.group(2), doc)
+
+
+def fill_docs(paths: Sequence[Path], name: str, text: str) -> None:
+    """Replace the bench:NAME block of each markdown file in `paths` by `text`; exit naming the first file
+    without that block, before writing any."""
+    filled = []
+    for path in paths:
+        try:
+            filled.append((path, replace_block(path.read_text(), name, text)))
+        except ValueError as error:
+            raise SystemExit(f"{path}: {error}") from None
+    for path, new in filled:
+        path.write_text(new)
 
 
 def _colour(case: str) -> str:
@@ -348,14 +366,17 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("table", help="markdown pivot table, one row per group, and where fastattr is not ahead")
     t.add_argument("results", type=Path)
-    t.add_argument("--readme", type=Path, help="fill the <!-- bench:NAME --> block of this file instead of printing")
+    t.add_argument("--doc", "--readme", dest="docs", action="append", type=Path, metavar="FILE",
+                   help="fill the <!-- bench:NAME --> block of this markdown file (e.g. docs/performance.md) "
+                        "instead of printing; repeat for each file that shows the table")
     c = sub.add_parser("chart", help="PNG bar chart of images/s per case for each group")
     c.add_argument("results", type=Path)
     c.add_argument("-o", "--output", type=Path, required=True)
     c.add_argument("--width", type=int, default=1200, help="in pixels (default 1200)")
     s = sub.add_parser("serving", help="markdown table of a benchmarks/load_test.py results file")
     s.add_argument("results", type=Path)
-    s.add_argument("--readme", type=Path, help="write the table into this file's bench:NAME block")
+    s.add_argument("--doc", "--readme", dest="docs", action="append", type=Path, metavar="FILE",
+                   help="write the table into this file's bench:NAME block (e.g. docs/performance.md); repeatable")
     m = sub.add_parser("compare", help="new/old images/s per (group, case); exit 1 on a regression")
     m.add_argument("old", type=Path)
     m.add_argument("new", type=Path)
@@ -391,13 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = serving_table(data) if args.command == "serving" else report(data)
         except ValueError as error:
             raise SystemExit(f"{args.results}: {error}") from None
-        if args.readme is None:
+        if not args.docs:
             print(text, end="")
             return 0
-        try:
-            args.readme.write_text(replace_block(args.readme.read_text(), args.results.stem, text))
-        except ValueError as error:
-            raise SystemExit(f"{args.readme}: {error}") from None
+        fill_docs(args.docs, args.results.stem, text)
         return 0
     if args.command == "chart":
         chart(load(args.results), args.output, width=args.width)

@@ -5,10 +5,12 @@ group's floor (eager plain inference, or the bare forward-backward for saliency)
 the case's own backend (`compiled-x` against `compiled-inference`), to the retain-graph loop
 (one forward, K autograd.grad calls) and to the article's code, where the group has them.
 
-    .venv/bin/python scripts/bench_table.py benchmarks/results/cpu-core.json [--readme README.md]
+    .venv/bin/python scripts/bench_table.py benchmarks/results/cpu-core.json [--doc docs/performance.md]
 
-With --readme, the table replaces the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`,
-NAME being the JSON file's stem, so the README's figures always come from a committed results file.
+With --doc FILE (or its older name, --readme FILE; repeat it for each file that shows the table), the table
+replaces the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in FILE, NAME being the JSON
+file's stem, so the figures in docs/performance.md (and the headline table in README.md) always come from a
+committed results file. scripts/docs_tables.py regenerates every such block of README.md and docs/*.md at once.
 """
 
 from __future__ import annotations
@@ -61,18 +63,17 @@ def table(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
-    parser.add_argument("--readme", type=Path)
+    parser.add_argument("--doc", "--readme", dest="docs", action="append", type=Path, metavar="FILE",
+                        help="fill the <!-- bench:NAME --> block of this markdown file (e.g. docs/performance.md) "
+                             "instead of printing; repeat for each file that shows the table")
     args = parser.parse_args()
     text = table(json.loads(args.results.read_text()))
-    if args.readme is None:
+    if not args.docs:
         print(text, end="")
         return
-    from bench_report import replace_block  # scripts/ is this script's own folder, first on sys.path
+    from bench_report import fill_docs  # scripts/ is this script's own folder, first on sys.path
 
-    try:
-        args.readme.write_text(replace_block(args.readme.read_text(), args.results.stem, text))
-    except ValueError as error:
-        raise SystemExit(f"{args.readme}: {error}") from None
+    fill_docs(args.docs, args.results.stem, text)
 
 if __name__ == "__main__":
     main()

@@ -57,7 +57,7 @@ def test_compiled_attribution_equals_eager_and_reference_for_k_1_and_3(name, lay
 
 def test_the_whole_attribution_traces_as_one_graph_without_breaks():
     explainer = fastattr.Explainer(model("resnet18"), layer="layer3", methods=("gradcam", "saliency"))
-    report = torch._dynamo.explain(explainer._pure)(images(2), None, 3)
+    report = torch._dynamo.explain(explainer.attribution)(images(2), None, 3)
     assert report.graph_break_count == 0 and report.graph_count == 1
 
 

@@ -195,7 +195,7 @@ def test_average_pooling_and_silu_gradients_export_for_odd_sizes(tmp_path):
     (1, 1, 1, 1), (1, 0, 1, 1), (1, 2, 2, 1), (1, 1, 1, 4), (1, (0, 2), 1, 2), (2, 1, 1, 1), (2, 0, 1, 4)])
 def test_a_convolutions_input_gradient_equals_autograds_as_a_conv_or_a_transposed_conv(stride, padding, dilation,
                                                                                        groups):
-    from fastattr import graph
+    from fastattr import _export as graph
 
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(2, 8, 9, 9, dtype=torch.float64, generator=g), torch.randn(12, 8 // groups, 3, 3, dtype=torch.float64, generator=g)
@@ -281,7 +281,7 @@ def test_maps_are_upsampled_by_two_matmuls_not_by_a_resize_or_index_gathers(expo
 
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_a_resize_as_interpolation_matrices_equals_torchs_bilinear_resize(align_corners):
-    from fastattr import graph
+    from fastattr import _export as graph
 
     def upsample(maps):
         return torch.nn.functional.interpolate(maps, size=(9, 11), mode="bilinear", align_corners=align_corners)

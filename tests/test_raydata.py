@@ -10,6 +10,7 @@ from PIL import Image
 
 import fastattr
 from fastattr import cli, images, raydata
+from fastattr.build import Spec
 
 pytest.importorskip("ray.data")
 
@@ -45,8 +46,8 @@ def folder_and_weights(tmp_path_factory):
 def parquet(folder_and_weights, tmp_path_factory):
     folder, weights = folder_and_weights
     out = tmp_path_factory.mktemp("out") / "explained"
-    failed = raydata.explain_to_parquet(str(folder), out, model="resnet18", weights=str(weights), layer="layer4",
-                                        k=2, input_size=64, workers=2, batch_size=4)
+    failed = raydata.explain_to_parquet(str(folder), out, Spec(model="resnet18", weights=str(weights), layer="layer4",
+                                        k=2, input_size=64), workers=2, batch_size=4)
     return out, failed
 
 

@@ -19,6 +19,7 @@ from PIL import Image  # noqa: E402
 
 import fastattr  # noqa: E402
 from fastattr import images, serve as fserve, zoo  # noqa: E402
+from fastattr.build import Spec, build  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
@@ -43,7 +44,7 @@ def weights(tmp_path_factory):
 def direct(weights):
     """The explainer the server must agree with: the same model and weights, called on one image at a time."""
     model = zoo.load_model("resnet18", weights)
-    explainer = fastattr.Explainer(model, layer=zoo.default_layer("resnet18", model), methods=("gradcam", "saliency"))
+    explainer = fastattr.Explainer(model, layer=fastattr.default_layer(model), methods=("gradcam", "saliency"))
 
     def explain(name: str, k: int | None = None, classes: list[int] | None = None) -> fastattr.Explanation:
         image = images.normalize(images.read(EXAMPLES / name, SIZE)[None])
@@ -218,9 +219,9 @@ def test_serve_takes_the_smoothgrad_and_ig_options():
 
 def test_a_backend_passes_its_method_options_to_the_explainer(weights):
     # With no noise SmoothGrad averages the plain gradient: the saliency map, whatever the sample count.
-    backend = fserve.build_backend("resnet18", str(weights), methods=("smoothgrad", "saliency"), input_size=32,
-                                   method_options={"samples": 3, "noise": 0.0})
-    out = backend.run(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), None, 2)
+    pipeline = build(Spec("resnet18", str(weights), methods=("smoothgrad", "saliency"), input_size=32, samples=3,
+                          noise=0.0))
+    out = pipeline(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), None, 2)
     torch.testing.assert_close(out.maps["smoothgrad"], out.maps["saliency"], rtol=0, atol=1e-6)
 
 
@@ -252,10 +253,10 @@ def test_an_onnx_backend_answers_a_mixed_batch_as_direct_calls_do(weights, tmp_p
     model = zoo.load_model("resnet18", weights)
     path = fastattr.export_onnx(model, tmp_path / "r18.onnx", layer="layer4", methods=("gradcam",), k=3,
                                 input_shape=(3, SIZE, SIZE), with_classes=True)
-    backend = fserve.build_backend(onnx=str(path))
+    pipeline = build(Spec(str(path)))
     cat, cup = (images.read(EXAMPLES / name, SIZE) for name in ("chelsea.png", "coffee.png"))
-    specs = [fserve.parse_spec(params, backend) for params in ({"k": "2"}, {"classes": "5,7"}, {"k": "3"})]
-    answers = fserve.explain_batch(backend, list(zip((cat, cup, cup), specs)))
+    specs = [fserve.parse_query(params, pipeline, max_k=5) for params in ({"k": "2"}, {"classes": "5,7"}, {"k": "3"})]
+    answers = fserve.answer_batch(pipeline, list(zip((cat, cup, cup), specs)))
     eager = fastattr.Explainer(model, layer="layer4")
     for image, spec, answer in zip((cat, cup, cup), specs, answers):
         target = dict(classes=list(spec.classes)) if spec.classes else dict(k=spec.k)
@@ -269,5 +270,5 @@ def test_an_onnx_backend_refuses_sampling_options_other_than_its_export(tmp_path
                                 k=1, input_shape=(3, 32, 32), samples=8)
     with pytest.raises(fastattr.InputError, match=r"samples 4: .* was exported with samples 8; drop samples, or "
                                                   r"export again with --samples 4"):
-        fserve.build_backend(onnx=str(path), method_options={"samples": 4})
-    assert fserve.build_backend(onnx=str(path), method_options={"samples": 8, "noise": None}).kind == "onnx"
+        build(Spec(str(path), samples=4))
+    assert build(Spec(str(path), samples=8, noise=None)).backend == "onnx"

@@ -1,0 +1,288 @@
+"""The one construction path: a `Spec` says what explains and how; `build(spec)` returns the `Pipeline` that
+every front end calls (the command line, `fastattr bench`, the server and Ray Data).
+
+A spec names a model (the pretrained default, a torchvision name, or a `fastattr export` file: `.onnx` or
+`.pt2`), its weights, layer, methods, k, input size, device, backend and sampling options. Everything not
+given comes from `DEFAULTS`, or from the export file, which fixes what it was exported with and refuses
+other values. The defaults, the method-list parsing, the class-names rule and model loading live here and
+nowhere else; they raise `fastattr` errors, and only the command line turns those into exit codes.
+
+>>> pipeline = build(Spec(model="resnet18", methods="gradcam, saliency", k=3, input_size=64))   # doctest: +SKIP
+>>> out = pipeline(images)              # images [N, 3, 64, 64], normalised  # doctest: +SKIP
+>>> out.classes.shape, out.maps["gradcam"].shape          # [N, 3], [N, 3, 64, 64]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import methods as _methods, zoo
+from .errors import InputError
+from .explain import SAMPLING, Explainer, Explanation
+from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
+
+__all__ = ["Spec", "Pipeline", "build", "load_model", "check_device", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
+           "EXPORT_SUFFIXES"]
+
+BACKENDS = ("eager", "compiled", "onnx", "pt2")
+EXPORT_SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
+# What a spec leaves out, for every entry point. Sampling options not given are the Explainer's (`SAMPLING`).
+DEFAULTS: dict[str, Any] = {"model": zoo.PRETRAINED, "methods": ("gradcam", "saliency"), "k": 3, "input_size": 224,
+                            "device": "cpu", "backend": "eager"}
+
+
+def parse_methods(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Method names from "gradcam, saliency" (spaces allowed) or a sequence, checked; None stays None.
+
+    >>> parse_methods("gradcam, saliency")
+    ('gradcam', 'saliency')
+    """
+    if value is None:
+        return None
+    names = value.split(",") if isinstance(value, str) else list(value)
+    return _methods.resolve(tuple(n.strip() for n in names if n.strip()))
+
+
+def class_names(num_classes: int) -> tuple[str, ...] | None:
+    """ImageNet's class names for a model with 1000 outputs, else None (classes are then shown by index)."""
+    return zoo.imagenet_classes() if num_classes == 1000 else None
+
+
+def _at_least(name: str, value: Any, low: float, kind: type) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < low:
+        raise InputError(f"{name}: expected {'a number' if kind is float else 'an int'} >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to explain with. None means: the default (`DEFAULTS`, `SAMPLING`), or what the export file fixed.
+
+    model:      "efficientnet_lite0" (pretrained), a torchvision classification name, or an export file
+    weights:    a state-dict file for a named model (loaded with `weights_only=True`)
+    layer:      target layer's module path (default: `fastattr.default_layer(model)`)
+    methods:    names from `fastattr.METHODS`, as a sequence or "gradcam, saliency"
+    k:          classes explained per image when none are named (the top-k)
+    input_size: images are `[N, 3, input_size, input_size]`
+    device:     "cpu" or "cuda"
+    backend:    "eager", "compiled" (torch.compile), "onnx" (onnxruntime) or "pt2" (a torch.export program);
+                a named model is exported to a temporary file for the last two; an export file sets its own
+    with_classes: an export made on the fly also takes class indices as an input
+    samples, noise, steps: SmoothGrad's and Integrated Gradients' options (see `Explainer`)
+    """
+
+    model: str = DEFAULTS["model"]
+    weights: str | None = None
+    layer: str | None = None
+    methods: tuple[str, ...] | None = None
+    k: int | None = None
+    input_size: int | None = None
+    device: str = DEFAULTS["device"]
+    backend: str | None = None
+    with_classes: bool = False
+    samples: int | None = None
+    noise: float | None = None
+    steps: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", str(self.model))
+        object.__setattr__(self, "weights", None if self.weights is None else str(self.weights))
+        object.__setattr__(self, "methods", parse_methods(self.methods))
+        for name in ("k", "input_size", "samples", "steps"):
+            _at_least(name, getattr(self, name), 1, int)
+        _at_least("noise", self.noise, 0, float)
+        if self.device not in ("cpu", "cuda"):
+            raise InputError(f"device: expected 'cpu' or 'cuda', got {self.device!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+
+    @property
+    def export_file(self) -> Path | None:
+        """The export file the spec names as its model, or None for a model name."""
+        suffix = Path(self.model).suffix.lower()
+        return Path(self.model) if suffix in EXPORT_SUFFIXES else None
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The SmoothGrad and IG options given (those not given are left out)."""
+        return {name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Spec:
+        """A spec from the fields among `options` (other keys are ignored), e.g. parsed command-line arguments."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in options.items() if name in names and value is not None})
+
+
+@dataclass
+class Pipeline:
+    """A built explainer: `pipeline(images, classes=None, k=None)` returns an `Explanation`.
+
+    images:  `[N, 3, input_size, input_size]`, normalised as the model expects (moved to the device here)
+    classes: None for the top-k, or `[N, K]` class indices (an export takes exactly its own k)
+    k:       the top-k (default: the spec's k; an export's own)
+
+    Attributes say what it computes: `backend`, `methods`, `layer`, `k` (the default), `fixed_k` (the k every
+    call runs with: an export's, else None), `num_classes`, `input_size`, `takes_classes` (False for an export
+    without a class input), `names` (class names or None), `description` (model name or file) and `info`
+    (export seconds, onnxruntime version and providers, where they apply).
+    """
+
+    spec: Spec
+    backend: str
+    description: str
+    methods: tuple[str, ...]
+    layer: str | None
+    k: int
+    fixed_k: int | None
+    num_classes: int
+    input_size: int
+    takes_classes: bool
+    names: tuple[str, ...] | None
+    info: dict = field(default_factory=dict)
+    _explain: Any = field(default=None, repr=False)   # Explainer, OnnxExplainer or Program
+
+    def __call__(self, images: Tensor, classes: Tensor | None = None, k: int | None = None) -> Explanation:
+        if isinstance(self._explain, Explainer):
+            device = self.spec.device
+            classes = classes.to(device) if isinstance(classes, Tensor) else classes
+            if classes is not None:
+                return self._explain(images.to(device), classes=classes)
+            return self._explain(images.to(device), k=self.k if k is None else k)
+        if k is not None and k != self.fixed_k:
+            raise InputError(f"k {k}: {self.description} was exported for k={self.fixed_k}; use k={self.fixed_k}, "
+                             "or export again with --k")
+        dtype = self._explain.dtype if isinstance(self._explain, Program) else getattr(torch, self._explain.meta["dtype"])
+        images = images.to(dtype)
+        if classes is None and self.takes_classes:  # the export takes classes only: find the top-k first
+            probe = self._explain(images, torch.zeros(len(images), self.fixed_k, dtype=torch.long, device=images.device))
+            classes = probe.logits.topk(self.fixed_k, dim=1).indices
+        out = self._explain(images, classes)
+        if len(self.methods) < len(out.maps):
+            out = replace(out, maps={m: out.maps[m] for m in self.methods})
+        return out
+
+    def warmup(self, k: int | None = None, named: Sequence[bool] = (False, True)) -> float:
+        """Run every graph a call at this `k` can need (compiling, for the compiled backend), so that no caller
+        pays for it later; `named`: the top-k (False) and named classes (True). Returns the seconds it took."""
+        start = time.perf_counter()
+        if isinstance(self._explain, Explainer):
+            return self._explain.prepare((3, self.input_size, self.input_size), self.k if k is None else k, named)
+        images = torch.zeros(2, 3, self.input_size, self.input_size)
+        for given in (g for g in named if self.takes_classes or not g):
+            self(images, torch.zeros(2, self.fixed_k, dtype=torch.long) if given else None)
+        return time.perf_counter() - start
+
+
+def check_device(spec: Spec, option_prefix: str = "") -> None:
+    """Raise before any loading when the spec asks for CUDA and torch sees none."""
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else f"torch {torch.__version__} finds no CUDA device or driver")
+        raise InputError(f"{option_prefix}device cuda: no GPU available ({why}); use {option_prefix}device cpu")
+
+
+def load_model(spec: Spec, option_prefix: str = "") -> nn.Module:
+    """The spec's model by name (`fastattr.zoo.load_model`), on its device, in eval mode."""
+    if spec.export_file is not None:
+        raise InputError(f"{option_prefix}model {spec.model}: an export file, not a model to load")
+    check_device(spec, option_prefix)
+    return zoo.load_model(spec.model, spec.weights).to(spec.device)
+
+
+def build(spec: Spec, option_prefix: str = "") -> Pipeline:
+    """Load or export what `spec` names and return the `Pipeline` that explains with it. Errors are `fastattr`
+    errors raised before any image is explained; `option_prefix` ("--" for the command line) is put before
+    option names in their messages.
+
+    >>> pipeline = build(Spec("resnet18", backend="onnx", methods=("gradcam",), k=5, input_size=64))  # doctest: +SKIP
+    """
+    if spec.export_file is not None:
+        return _from_export_file(spec, option_prefix)
+    if Path(spec.model).is_file():
+        raise InputError(f"{option_prefix}model {spec.model!r}: a file must be a fastattr export ending in .onnx or "
+                         ".pt2 (or pass a model name)")
+    backend = spec.backend or DEFAULTS["backend"]
+    model = load_model(spec, option_prefix)
+    size = spec.input_size or DEFAULTS["input_size"]
+    methods = spec.methods or DEFAULTS["methods"]
+    k = DEFAULTS["k"] if spec.k is None else spec.k
+    if backend in ("eager", "compiled"):
+        explainer = Explainer(model, layer=spec.layer, methods=methods, compile=backend == "compiled", **spec.sampling)
+        num_classes = explainer.num_classes(torch.zeros(1, 3, size, size, device=spec.device))
+        return Pipeline(spec, backend, spec.model, explainer.methods, explainer.layer, k, None, num_classes, size,
+                        True, class_names(num_classes), {}, explainer)
+    # An export made now, to a file that lives only until it is loaded: onnxruntime and torch.export hold it all.
+    with tempfile.TemporaryDirectory(prefix="fastattr-build-") as folder:
+        path = Path(folder) / f"model.{backend}"
+        start = time.perf_counter()
+        options = dict(layer=spec.layer, methods=methods, k=k, input_shape=(3, size, size),
+                       with_classes=spec.with_classes, **spec.sampling)
+        (export_onnx if backend == "onnx" else export_program)(model, path, **options)
+        export_s = time.perf_counter() - start
+        pipeline = _from_export_file(replace(spec, model=str(path), weights=None, layer=None, methods=None, k=None,
+                                             input_size=None, backend=None, samples=None, noise=None, steps=None),
+                                     option_prefix)
+    pipeline.spec, pipeline.description, pipeline.info["export_s"] = spec, spec.model, export_s
+    return pipeline
+
+
+def _from_export_file(spec: Spec, prefix: str) -> Pipeline:
+    path = spec.export_file
+    kind = EXPORT_SUFFIXES[path.suffix.lower()]
+    if spec.backend is not None and spec.backend != kind:
+        raise InputError(f"{prefix}backend {spec.backend}: {str(path)!r} is a .{kind} export, which sets the backend "
+                         f"({kind}); drop {prefix}backend or pass a model name")
+    if spec.weights is not None:
+        raise InputError(f"{prefix}weights: {str(path)!r} is an export that holds its weights; drop {prefix}weights")
+    if kind == "onnx":
+        explainer = OnnxExplainer(path, providers=_onnx_providers(spec.device, prefix))
+        import onnxruntime as ort
+
+        info = {"onnxruntime": ort.__version__, "providers": explainer.session.get_providers()}
+    else:
+        check_device(spec, prefix)
+        explainer, info = load_program(path), {}
+    meta = explainer.meta
+    _check_agrees(spec, meta, path, prefix)
+    methods = spec.methods or tuple(meta["methods"])
+    return Pipeline(spec, kind, str(path), methods, meta["layer"], meta["k"], meta["k"], meta["num_classes"],
+                    meta["input_shape"][-1], meta["with_classes"], class_names(meta["num_classes"]), info, explainer)
+
+
+def _check_agrees(spec: Spec, meta: dict, path: Path, prefix: str) -> None:
+    """An option given with an export file must agree with the file: the export fixed it, and ignoring it would
+    return something other than what the caller asked for."""
+    if spec.methods and (missing := [m for m in spec.methods if m not in meta["methods"]]):
+        raise InputError(f"{prefix}methods: {path} computes {', '.join(meta['methods'])}, not {', '.join(missing)}; "
+                         f"export again with --methods to add them")
+    fixed = {"k": (spec.k, meta["k"]), "layer": (spec.layer, meta["layer"]),
+             "input_size": (spec.input_size, meta["input_shape"][-1]), "with_classes": (spec.with_classes or None, meta["with_classes"])}
+    for name, (value, own) in fixed.items():
+        if value is not None and value != own:
+            raise InputError(f"{prefix}{name.replace('_', '-')} {value}: {path} was exported for {name}={own}; drop "
+                             f"{prefix}{name.replace('_', '-')} or export again")
+    for name, value in spec.sampling.items():
+        if value != meta.get(name):
+            raise InputError(f"{prefix}{name} {value}: {path} was exported with {name} {meta.get(name)}; drop "
+                             f"{prefix}{name}, or export again with --{name} {value}")
+
+
+def _onnx_providers(device: str, prefix: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise InputError(f"{prefix}device cuda: onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
+                         f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use {prefix}device cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]

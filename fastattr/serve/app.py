@@ -1,0 +1,185 @@
+"""The Ray Serve application: one "fastattr" deployment, built from its arguments through `fastattr.build`.
+
+    serve run fastattr.serve:app model=resnet50 weights=resnet50.pth max_batch_size=16
+    serve deploy serve_config.yaml
+
+The arguments are a `Spec`'s (model, weights, layer, methods, onnx, compile, device, backend, input_size,
+samples, noise, steps) and the server's own (`SERVER_OPTIONS`); `DEFAULTS` has them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .. import zoo
+from ..build import build, parse_methods
+from ..errors import FastattrError, InputError
+from ..options import spec_from_args
+from .batching import Answer, answer_batch
+from .http import Query, RequestError, load_image, parse_query, read_request, to_json
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+__all__ = ["ExplainService", "app", "app_options", "DEFAULTS", "DEPLOYMENT", "SERVER_OPTIONS", "SPEC_OPTIONS"]
+
+log = logging.getLogger("fastattr.serve")
+
+DEPLOYMENT = "fastattr"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A server argument: its default, how a string (from `serve run`) or YAML value converts, its least value."""
+
+    default: Any
+    convert: Callable[[Any], Any]
+    at_least: float | None
+    help: str
+
+
+def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`convert`, reading None, "", "none" and "None" as not given (None)."""
+    return lambda value: None if value in (None, "", "none", "None") else convert(value)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+# The server's own arguments, declared once: `fastattr serve` makes its options from this table.
+SERVER_OPTIONS: dict[str, Option] = {
+    "max_k": Option(5, int, 1, "most classes one request may ask for (default: 5)"),
+    "max_batch_size": Option(16, int, 1, "most requests explained in one batch (default: 16)"),
+    "batch_wait_ms": Option(10.0, float, 0, "how long a batch waits for more requests after its first (default: 10)"),
+    "max_bytes": Option(10_000_000, int, 1, "largest image file accepted, in bytes (default: 10000000); larger ones "
+                                            "get 413"),
+    "max_pixels": Option(40_000_000, int, 1, "largest image accepted, in pixels (default: 40000000); larger ones get 413"),
+    "num_cpus": Option(1.0, float, 0, "each replica's Ray CPU reservation"),
+}
+# A spec's arguments as the app reads them (None: the spec's default, or an export's own).
+SPEC_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "model": str, "weights": _optional(str), "layer": _optional(str), "methods": _optional(parse_methods),
+    "onnx": _optional(str), "compile": _bool, "device": str, "backend": _optional(str), "input_size": _optional(int),
+    "samples": _optional(int), "noise": _optional(float), "steps": _optional(int),
+}
+_SPEC_LEAST = {"input_size": 1, "samples": 1, "noise": 0, "steps": 1}
+DEFAULTS: dict[str, Any] = {**{name: None for name in SPEC_OPTIONS}, "model": zoo.PRETRAINED, "compile": False,
+                            "device": "cpu", **{name: o.default for name, o in SERVER_OPTIONS.items()}}
+
+
+class ExplainService:
+    """The Ray Serve deployment (named "fastattr"): builds the pipeline once, then answers `POST /explain`.
+
+    Args: a spec's (model, weights, layer, methods, onnx, compile, device, backend, input_size, samples, noise,
+    steps; see `fastattr.build.Spec`), then max_k, max_batch_size and batch_wait_ms (the dynamic batching: a
+    batch runs when it is full or when its first request has waited this long), max_bytes and max_pixels
+    (larger images are answered 413).
+
+    >>> handle = serve.run(serve.deployment(ExplainService).bind(model="resnet18", max_batch_size=8))  # doctest: +SKIP
+    """
+
+    def __init__(self, max_k: int = 5, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
+                 max_bytes: int = 10_000_000, max_pixels: int = 40_000_000, **spec_options: Any):
+        from ray import serve
+
+        self.pipeline = build(spec_from_args(spec_options))
+        p = self.pipeline
+        if not 1 <= max_k <= p.num_classes:
+            raise InputError(f"max_k: {max_k} is not in 1..{p.num_classes} ({p.description} has {p.num_classes} outputs)")
+        self.max_k = min(max_k, p.fixed_k or max_k)
+        # A compiled pipeline runs every pass at max_k, so that few graphs compile, and all at start-up.
+        self.fixed_k = self.max_k if p.backend == "compiled" else None
+        if p.backend == "compiled":
+            p.warmup(k=self.max_k)
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        # @serve.batch applied per instance, so that the batch size and wait are start-up options.
+        self.explain_batch = serve.batch(max_batch_size=max_batch_size,
+                                         batch_wait_timeout_s=batch_wait_ms / 1000)(self._explain_batch)
+        self.settings = {"backend": p.backend, "model": p.description, "methods": list(p.methods), "max_k": self.max_k,
+                         "num_classes": p.num_classes, "input_size": p.input_size, "named_classes": p.takes_classes,
+                         "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "max_bytes": max_bytes,
+                         "max_pixels": max_pixels, "torch_threads": torch.get_num_threads()}
+        log.info("fastattr: serving %s", self.settings)
+
+    async def _explain_batch(self, items: list[tuple[Tensor, Query]]) -> list[Answer]:
+        return await asyncio.to_thread(answer_batch, self.pipeline, items, self.fixed_k)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        from starlette.responses import JSONResponse
+
+        try:
+            path = request.scope["path"].removeprefix(request.scope.get("root_path", "")).rstrip("/")
+            if path == "" and request.method in ("GET", "HEAD"):
+                return JSONResponse(self.settings)
+            if path != "/explain":
+                raise RequestError(404, f"no endpoint {request.scope['path']!r}; POST an image to /explain, or GET "
+                                        "/ for the server's settings")
+            if request.method != "POST":
+                raise RequestError(405, f"/explain takes POST (the image as the body), not {request.method}")
+            data, params = await read_request(request, self.max_bytes)
+            query = parse_query(params, self.pipeline, self.max_k)
+            image = await asyncio.to_thread(load_image, data, self.pipeline.input_size, self.max_bytes,
+                                            self.max_pixels)
+            answer = await self.explain_batch((image, query))
+            return JSONResponse(await asyncio.to_thread(to_json, answer, image, query, self.pipeline.names))
+        except RequestError as exc:
+            headers = {"Allow": "POST"} if exc.status == 405 else None
+            return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+def app_options(args: Mapping[str, Any]) -> dict[str, Any]:
+    """`DEFAULTS` updated with `args` (strings from `serve run`, or YAML values), converted and checked;
+    raises ValueError naming the bad argument, or the spec's own error."""
+    if unknown := sorted(set(args) - set(DEFAULTS)):
+        raise ValueError(f"app: unknown argument {unknown[0]!r}; valid: {', '.join(DEFAULTS)}")
+    options = dict(DEFAULTS)
+    for name, value in args.items():
+        option = SERVER_OPTIONS.get(name)
+        try:
+            options[name] = option.convert(value) if option else SPEC_OPTIONS[name](value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"app: {name}={value!r}: {exc}") from None
+        low = option.at_least if option else _SPEC_LEAST.get(name)
+        if low is not None and options[name] is not None and options[name] < low:
+            raise ValueError(f"app: {name}={value!r}: must be at least {low}")
+    if options["device"] not in ("cpu", "cuda"):
+        raise ValueError(f"app: device={options['device']!r}: expected cpu or cuda")
+    spec = spec_from_args(options)  # checks the spec's options together, before any replica starts
+    if spec.export_file is None and spec.model not in zoo.model_names():
+        zoo.load_model(spec.model)  # raises naming the closest known models
+    return options
+
+
+def app(args: Mapping[str, Any] | None = None) -> Application:
+    """The Ray Serve application: one "fastattr" deployment built from `args` (names and defaults: `DEFAULTS`).
+
+    >>> serve.run(fastattr.serve.app({"model": "resnet18", "max_batch_size": 8}))   # doctest: +SKIP
+
+    or `serve run fastattr.serve:app model=resnet18 max_batch_size=8`, or a config file's `args:`.
+    """
+    options = app_options(args or {})
+    try:
+        from ray import serve
+    except ImportError:
+        raise FastattrError("serve: needs Ray Serve; pip install 'fastattr[serve]'") from None
+    num_cpus = options.pop("num_cpus")
+    deployment = serve.deployment(
+        ExplainService, name=DEPLOYMENT, max_ongoing_requests=max(32, 4 * options["max_batch_size"]),
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": 1 if options["device"] == "cuda" else 0})
+    return deployment.bind(**options)

@@ -1,0 +1,58 @@
+"""Batches of checked requests: at most two passes, then one answer per request.
+
+Batching is exact: the requests of a batch run in at most two passes, one for the top-k requests (at the
+largest k among them: a top-k list is a prefix of a longer one) and one for those naming classes (each row
+padded to the longest by repeating its last class), and each answer is what the pipeline returns for that
+image alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .. import images as _images
+from ..build import Pipeline
+
+if TYPE_CHECKING:
+    from .http import Query
+
+__all__ = ["Answer", "answer_batch"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's share of a batch: its logits `[C]`, classes `[K]` and maps (method -> `[K, H, W]`)."""
+
+    logits: Tensor
+    classes: Tensor
+    maps: dict[str, Tensor]
+    batch_size: int
+
+
+def answer_batch(pipeline: Pipeline, items: Sequence[tuple[Tensor, Query]], fixed_k: int | None = None) -> list[Answer]:
+    """Explain a batch of checked requests (display image `[3, S, S]` in [0, 1], Query) in at most two passes,
+    each at `fixed_k` classes when given (an export's k, or a compiled server's max_k), else the largest asked.
+
+    >>> top3, dog = Query(3, None, ("gradcam",), "png"), Query(1, (207,), ("gradcam",), "png")   # doctest: +SKIP
+    >>> [a.classes.tolist() for a in answer_batch(pipeline, [(cat, top3), (cat, dog)])]   # doctest: +SKIP
+    [[281, 285, 282], [207]]
+    """
+    images = _images.normalize(torch.stack([image for image, _ in items]))
+    answers: list[Answer | None] = [None] * len(items)
+    for named in (False, True):
+        rows = [i for i, (_, query) in enumerate(items) if (query.classes is not None) == named]
+        if not rows:
+            continue
+        queries = [items[i][1] for i in rows]
+        k = fixed_k or pipeline.fixed_k or max(q.k for q in queries)
+        table = torch.tensor([[*q.classes, *q.classes[-1:] * (k - q.k)] for q in queries]) if named else None
+        out = pipeline(images[rows], table, None if named else k).cpu()
+        for j, (i, query) in enumerate(zip(rows, queries)):
+            answers[i] = Answer(out.logits[j], out.classes[j, :query.k],
+                                {m: out.maps[m][j, :query.k] for m in query.methods}, len(items))
+    return answers  # type: ignore[return-value]

@@ -1,0 +1,96 @@
+"""`fastattr serve`: start Ray and the deployment on this machine and serve until Ctrl-C.
+
+    fastattr serve [--model efficientnet_lite0|NAME|FILE.onnx|FILE.pt2] [--backend ...] [--port 8000]
+        [--max-k 5] [--max-batch-size 16] [--batch-wait-ms 10] [--max-bytes N] [--max-pixels N]
+
+Its options are a spec's (`fastattr.options`) and the server's (`SERVER_OPTIONS`), declared once each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..errors import FastattrError
+from ..options import add_spec_arguments
+from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, app
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `serve` options to `parser` (the `fastattr serve` subcommand's parser)."""
+    add_spec_arguments(parser)
+    for name, option in SERVER_OPTIONS.items():
+        if name != "num_cpus":  # the command line's --num-cpus is Ray's, below
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(option.default), default=option.default,
+                                help=option.help)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1,
+                        help="CPUs for Ray and the model (default: all of this machine's)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="default: 8000")
+
+
+def _usage_error(message: str) -> int:
+    print(f"fastattr: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start Ray and the deployment on this machine and serve until Ctrl-C; 2 on a usage error, 1 if it fails."""
+    options = {name: getattr(args, name) for name in DEFAULTS}
+    for name in ("weights", "onnx"):
+        if options[name] is not None:
+            if not Path(options[name]).is_file():
+                return _usage_error(f"--{name} {options[name]}: no such file")
+            options[name] = str(Path(options[name]).resolve())
+    try:
+        application = app(options)
+    except (ValueError, FastattrError) as exc:
+        return _usage_error(str(exc).removeprefix("app: "))
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(application, name=DEPLOYMENT, route_prefix="/", blocking=False)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        serve.shutdown()
+        ray.shutdown()
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the replica's error (a bad layer, say), reported as it is
+        print(f"fastattr: error: the server did not start: {_why_not_started(exc)}", file=sys.stderr)
+        ray.shutdown()
+        return 1
+    url = f"http://{args.host}:{args.port}"
+    print(f"fastattr: serving at {url}/explain (POST an image; GET {url}/ for the settings); Ctrl-C stops",
+          flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `kill` and `docker stop` shut down cleanly too
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _why_not_started(exc: Exception) -> str:
+    """The replica's own error (its traceback's last line), which Ray keeps in the deployment's status."""
+    from ray import serve
+
+    try:
+        message = serve.status().applications[DEPLOYMENT].deployments[DEPLOYMENT].message
+        last = [line for line in message.splitlines() if line.strip()][-1].strip()
+    except Exception:  # noqa: BLE001 - no status to read: Ray's own message is all there is
+        return str(exc)
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
