@@ -34,7 +34,7 @@ from . import build
 from .errors import FastattrError
 from .options import add_spec_arguments, spec_from_args
 
-__all__ = ["add_arguments", "run", "latency_stats"]
+__all__ = ["add_arguments", "run", "latency_stats", "settings_of", "target_of", "Settings", "Target"]
 
 # The timing's own options; what is timed takes the spec's defaults (`fastattr.build.DEFAULTS`).
 BACKENDS = (*build.BACKENDS, "inference")
@@ -81,7 +81,7 @@ def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, float]:
 
 
 @dataclass
-class _Settings:
+class Settings:
     batch_sizes: list[int]
     device: torch.device
     warmup: int
@@ -90,7 +90,7 @@ class _Settings:
 
 
 @dataclass
-class _Target:
+class Target:
     """What is timed: `call(*make_inputs(n))` is one call on a batch of n."""
 
     call: Callable[..., object]
@@ -107,8 +107,8 @@ class _Target:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark `args` describes: print the table, write the JSON if asked; 0, or 2 on a usage error."""
     try:
-        settings = _settings(args)
-        target = _target(args, settings)
+        settings = settings_of(args)
+        target = target_of(args, settings)
         rows = [_bench_batch(target, n, settings, progress=not args.no_progress) for n in settings.batch_sizes]
     except (_Usage, FastattrError) as exc:
         print(f"fastattr: error: {exc}", file=sys.stderr)
@@ -135,7 +135,7 @@ def _parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _settings(args: argparse.Namespace) -> _Settings:
+def settings_of(args: argparse.Namespace) -> Settings:
     """Check the arguments that need no model, so that such mistakes are reported before any loading."""
     sizes = _parse_batch_sizes(args.batch_sizes)
     if args.warmup < 0:
@@ -146,10 +146,11 @@ def _settings(args: argparse.Namespace) -> _Settings:
         raise _Usage(f"--seconds: must be a positive number, got {args.seconds}")
     build.check_device(spec_from_args(args, backend=None), "--")
     iters = DEFAULTS["iters"] if args.iters is None and args.seconds is None else args.iters
-    return _Settings(sizes, torch.device(args.device), args.warmup, iters, args.seconds)
+    return Settings(sizes, torch.device(args.device), args.warmup, iters, args.seconds)
 
 
-def _target(args: argparse.Namespace, settings: _Settings) -> _Target:
+def target_of(args: argparse.Namespace, settings: Settings) -> Target:
+    """What `args` times, built through `fastattr.build` (or the plain model, for `--backend inference`)."""
     if args.backend == "inference":
         spec = spec_from_args(args, backend=None)
         if spec.export_file is not None:
@@ -162,7 +163,7 @@ def _target(args: argparse.Namespace, settings: _Settings) -> _Target:
         def infer(images: Tensor) -> Tensor:
             with torch.inference_mode():
                 return model(images)
-        return _Target(infer, _images(shape, settings.device), model=args.model, backend="inference", methods=[],
+        return Target(infer, _images(shape, settings.device), model=args.model, backend="inference", methods=[],
                        k=None, layer=None, input_shape=shape)
     pipeline = build.build(spec_from_args(args), "--")
     shape = (3, pipeline.input_size, pipeline.input_size)
@@ -177,7 +178,7 @@ def _target(args: argparse.Namespace, settings: _Settings) -> _Target:
         return (*make_images(n), classes.to(device))
 
     call = _device_checked(pipeline, args.model, settings.device) if pipeline.backend == "pt2" else pipeline
-    return _Target(call, make_inputs, model=args.model, backend=pipeline.backend, methods=list(pipeline.methods),
+    return Target(call, make_inputs, model=args.model, backend=pipeline.backend, methods=list(pipeline.methods),
                    k=pipeline.k, layer=pipeline.layer, input_shape=shape, extra=dict(pipeline.info))
 
 
@@ -210,7 +211,7 @@ def _images(shape: Sequence[int], device: torch.device,
     return make
 
 
-def _bench_batch(target: _Target, n: int, settings: _Settings, progress: bool) -> dict:
+def _bench_batch(target: Target, n: int, settings: Settings, progress: bool) -> dict:
     inputs = target.make_inputs(n)
     cuda = settings.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -249,7 +250,7 @@ def _time_calls(call: Callable[..., object], inputs: tuple[Tensor, ...], sync: C
             return times
 
 
-def _metadata(target: _Target, settings: _Settings) -> dict:
+def _metadata(target: Target, settings: Settings) -> dict:
     device = settings.device
     return {"model": target.model, "backend": target.backend, "methods": target.methods, "k": target.k,
             "layer": target.layer, "input_shape": list(target.input_shape), "device": str(device),

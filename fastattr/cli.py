@@ -32,7 +32,7 @@ def usage_error(message: str) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    import fastattr
+    from .export import export_onnx, export_program
 
     spec = spec_from_args(args)
     model = _build.load_model(spec, "--")
@@ -42,9 +42,9 @@ def export(args: argparse.Namespace) -> int:
     common = dict(layer=spec.layer, methods=spec.methods or _build.DEFAULTS["methods"], k=k, input_shape=shape,
                   with_classes=args.with_classes, **spec.sampling)
     if args.format == "onnx":
-        path = fastattr.export_onnx(model, args.output, **common)
+        path = export_onnx(model, args.output, **common)
     else:
-        path = fastattr.export_program(model, args.output, aoti=args.format == "aoti", **common)
+        path = export_program(model, args.output, aoti=args.format == "aoti", **common)
     print(f"wrote {path} ({args.format}; inputs images [N, {', '.join(map(str, shape))}]"
           f"{' and classes [N, %d]' % k if args.with_classes else ''}; outputs logits, classes, "
           f"{', '.join(common['methods'])})")

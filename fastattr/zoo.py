@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import FastattrError
 
-__all__ = ["PRETRAINED", "efficientnet_lite0", "lite0_key_map", "imagenet_classes", "model_names", "load_model",
+__all__ = ["PRETRAINED", "efficientnet_lite0", "lite0_key_map", "imagenet_classes", "model_names", "check_name", "load_model",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 PRETRAINED = "efficientnet_lite0"
@@ -93,6 +93,15 @@ def model_names() -> list[str]:
     return [PRETRAINED, *torchvision.models.list_models(module=torchvision.models)]
 
 
+def check_name(name: str) -> None:
+    """Raise `FastattrError` naming the closest known models unless `load_model` knows `name`."""
+    if name not in model_names():
+        close = difflib.get_close_matches(name, model_names(), n=3)
+        hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+        raise FastattrError(f"model: unknown name {name!r}{hint}; use {PRETRAINED!r} or a torchvision "
+                            "classification model name (torchvision.models.list_models())")
+
+
 def load_model(name: str = PRETRAINED, weights: str | Path | None = None) -> nn.Module:
     """A model by name, in eval mode: "efficientnet_lite0" (pretrained), or a torchvision classification model
     with random weights or those of a state-dict file (loaded with `weights_only=True`).
@@ -101,15 +110,8 @@ def load_model(name: str = PRETRAINED, weights: str | Path | None = None) -> nn.
     """
     import torchvision
 
-    if name == PRETRAINED:
-        model = efficientnet_lite0()
-    elif name in torchvision.models.list_models(module=torchvision.models):
-        model = torchvision.models.get_model(name, weights=None)
-    else:
-        close = difflib.get_close_matches(name, model_names(), n=3)
-        hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
-        raise FastattrError(f"model: unknown name {name!r}{hint}; use {PRETRAINED!r} or a torchvision "
-                            "classification model name (torchvision.models.list_models())")
+    check_name(name)
+    model = efficientnet_lite0() if name == PRETRAINED else torchvision.models.get_model(name, weights=None)
     if weights is not None:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)

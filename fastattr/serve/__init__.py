@@ -48,9 +48,9 @@ onnxruntime: its k, input size and methods are the file's, and naming classes ne
 """
 
 from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, ExplainService, app, app_options
-from .batching import Answer, answer_batch
+from .batching import Answer, Query, answer_batch
 from .command import add_arguments, run
-from .http import Query, RequestError, load_image, parse_query, read_request, to_json
+from .http import RequestError, load_image, parse_query, read_request, to_json
 
 __all__ = ["ExplainService", "app", "app_options", "add_arguments", "run", "answer_batch", "parse_query", "load_image",
            "read_request", "to_json", "Answer", "Query", "RequestError", "DEFAULTS", "DEPLOYMENT", "SERVER_OPTIONS"]

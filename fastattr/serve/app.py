@@ -22,8 +22,8 @@ from .. import zoo
 from ..build import build, parse_methods
 from ..errors import FastattrError, InputError
 from ..options import spec_from_args
-from .batching import Answer, answer_batch
-from .http import Query, RequestError, load_image, parse_query, read_request, to_json
+from .batching import Answer, Query, answer_batch
+from .http import RequestError, load_image, parse_query, read_request, to_json
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -161,8 +161,8 @@ def app_options(args: Mapping[str, Any]) -> dict[str, Any]:
     if options["device"] not in ("cpu", "cuda"):
         raise ValueError(f"app: device={options['device']!r}: expected cpu or cuda")
     spec = spec_from_args(options)  # checks the spec's options together, before any replica starts
-    if spec.export_file is None and spec.model not in zoo.model_names():
-        zoo.load_model(spec.model)  # raises naming the closest known models
+    if spec.export_file is None:
+        zoo.check_name(spec.model)
     return options
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,10 +17,17 @@ from torch import Tensor
 from .. import images as _images
 from ..build import Pipeline
 
-if TYPE_CHECKING:
-    from .http import Query
+__all__ = ["Query", "Answer", "answer_batch"]
 
-__all__ = ["Answer", "answer_batch"]
+
+@dataclass(frozen=True)
+class Query:
+    """What one request asks for: the top-`k` (classes None) or the named `classes` (k = their count)."""
+
+    k: int
+    classes: tuple[int, ...] | None
+    methods: tuple[str, ...]
+    maps: str
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor
 from .. import images as _images, overlay, targets
 from ..build import Pipeline
 from ..errors import InputError, TargetError
-from .batching import Answer
+from .batching import Answer, Query
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -36,16 +35,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
-
-
-@dataclass(frozen=True)
-class Query:
-    """What one request asks for: the top-`k` (classes None) or the named `classes` (k = their count)."""
-
-    k: int
-    classes: tuple[int, ...] | None
-    methods: tuple[str, ...]
-    maps: str
 
 
 def _max_k_hint(pipeline: Pipeline, max_k: int) -> str:
