@@ -94,6 +94,6 @@ def _describe(path: Path, png: Path, out: Explanation, i: int, class_names: Sequ
     classes = out.classes[i].tolist()
     probabilities = out.logits[i].float().softmax(-1)[out.classes[i]].tolist()
     names = [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in classes]
-    return {"file": str(path), "image": png.name, "classes": classes, "names": names,
+    return {"file": str(path), "image": png.name, "layer": out.layer, "classes": classes, "names": names,
             "probabilities": [round(p, 4) for p in probabilities],
             "maps": {method: map_statistics(m[i]) for method, m in out.maps.items()}}

@@ -181,7 +181,8 @@ def test_png_maps_are_overlays_of_the_input_size(url):
 
 def test_get_root_reports_the_settings_and_other_paths_are_404(url):
     settings = requests.get(url, timeout=60).json()
-    assert settings == {"backend": "eager", "model": "resnet18", "methods": ["gradcam", "saliency"], "max_k": 5,
+    assert settings == {"backend": "eager", "model": "resnet18", "methods": ["gradcam", "saliency"], "layer": "layer4",
+                        "max_k": 5,
                         "num_classes": 1000, "input_size": SIZE, "named_classes": True, "max_batch_size": 8,
                         "batch_wait_ms": 100.0, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS,
                         "torch_threads": 1}  # the replica reserves one Ray CPU, and Ray gives torch that many threads

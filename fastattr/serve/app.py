@@ -111,7 +111,8 @@ class ExplainService:
         # @serve.batch applied per instance, so that the batch size and wait are start-up options.
         self.explain_batch = serve.batch(max_batch_size=max_batch_size,
                                          batch_wait_timeout_s=batch_wait_ms / 1000)(self._explain_batch)
-        self.settings = {"backend": p.backend, "model": p.description, "methods": list(p.methods), "max_k": self.max_k,
+        self.settings = {"backend": p.backend, "model": p.description, "methods": list(p.methods), "layer": p.layer,
+                         "max_k": self.max_k,
                          "num_classes": p.num_classes, "input_size": p.input_size, "named_classes": p.takes_classes,
                          "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "max_bytes": max_bytes,
                          "max_pixels": max_pixels, "torch_threads": torch.get_num_threads()}
