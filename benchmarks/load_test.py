@@ -110,7 +110,7 @@ def run_config(args: argparse.Namespace, weights: str) -> dict:
     from ray import serve
 
     import fastattr.serve as fserve
-    from fastattr.build import build
+    from fastattr.pipeline import build
     from fastattr.options import spec_from_args
 
     photos = [p.read_bytes() for p in PHOTOS]

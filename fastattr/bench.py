@@ -8,9 +8,10 @@
 For each batch size it builds random images (fixed seed), makes `--warmup` untimed calls (the first one,
 which compiles for `--backend compiled`, is reported as `first_call_s`), then times `--iters` calls and/or
 calls for `--seconds`, and prints p50 / p90 / p99 / mean latency in ms and images/s (the batch over the
-median). Backends: `eager` and `compiled` run `fastattr.Explainer`, `onnx` exports the graph to a temporary
-file and runs it in onnxruntime, `inference` is the plain model forward under `torch.inference_mode`, the
-floor to compare with. A file given as `--model` carries its own methods, k, layer and input size.
+median). What is timed is built as every entry point builds it (`fastattr.pipeline`): `eager` and `compiled` run
+`fastattr.Explainer`, `onnx` and `pt2` export the graph to a temporary file and run it in onnxruntime or as a
+torch.export program; `inference` is the plain model forward under `torch.inference_mode`, the floor to
+compare with. A file given as `--model` carries its own methods, k, layer and input size.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import build
+from . import pipeline
 from .errors import FastattrError
-from .options import add_spec_arguments, spec_from_args
+from .options import add_spec_arguments, spec_from_args, usage_error
 
 __all__ = ["add_arguments", "run", "latency_stats", "settings_of", "target_of", "Settings", "Target"]
 
-# The timing's own options; what is timed takes the spec's defaults (`fastattr.build.DEFAULTS`).
-BACKENDS = (*build.BACKENDS, "inference")
+# The timing's own options; what is timed takes the spec's defaults (`fastattr.pipeline.DEFAULTS`).
+BACKENDS = (*pipeline.BACKENDS, "inference")
 DEFAULTS = {"iters": 20}
 
 
@@ -111,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
         target = target_of(args, settings)
         rows = [_bench_batch(target, n, settings, progress=not args.no_progress) for n in settings.batch_sizes]
     except (_Usage, FastattrError) as exc:
-        print(f"fastattr: error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(str(exc))
     meta = _metadata(target, settings)
     print(_table(meta, rows))
     if args.json is not None:
@@ -144,20 +144,20 @@ def settings_of(args: argparse.Namespace) -> Settings:
         raise _Usage(f"--iters: must be >= 1, got {args.iters}")
     if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
         raise _Usage(f"--seconds: must be a positive number, got {args.seconds}")
-    build.check_device(spec_from_args(args, backend=None), "--")
+    pipeline.check_device(spec_from_args(args, backend=None), "--")
     iters = DEFAULTS["iters"] if args.iters is None and args.seconds is None else args.iters
     return Settings(sizes, torch.device(args.device), args.warmup, iters, args.seconds)
 
 
 def target_of(args: argparse.Namespace, settings: Settings) -> Target:
-    """What `args` times, built through `fastattr.build` (or the plain model, for `--backend inference`)."""
+    """What `args` times, built through `fastattr.pipeline` (or the plain model, for `--backend inference`)."""
     if args.backend == "inference":
         spec = spec_from_args(args, backend=None)
         if spec.export_file is not None:
             raise _Usage(f"--backend inference: times a model's plain forward; {args.model!r} is an export, so pass a "
                          "model name")
-        model = build.load_model(spec, "--")
-        size = spec.input_size or build.DEFAULTS["input_size"]
+        model = pipeline.load_model(spec, "--")
+        size = spec.input_size or pipeline.DEFAULTS["input_size"]
         shape = (3, size, size)
 
         def infer(images: Tensor) -> Tensor:
@@ -165,21 +165,21 @@ def target_of(args: argparse.Namespace, settings: Settings) -> Target:
                 return model(images)
         return Target(infer, _images(shape, settings.device), model=args.model, backend="inference", methods=[],
                        k=None, layer=None, input_shape=shape)
-    pipeline = build.build(spec_from_args(args), "--")
-    shape = (3, pipeline.input_size, pipeline.input_size)
+    built = pipeline.build(spec_from_args(args), "--")
+    shape = (3, built.input_size, built.input_size)
     # onnxruntime takes its inputs from the host; the torch backends from the model's device.
-    device = torch.device("cpu") if pipeline.backend == "onnx" else settings.device
+    device = torch.device("cpu") if built.backend == "onnx" else settings.device
     make_images = _images(shape, device)
 
     def make_inputs(n: int) -> tuple[Tensor, ...]:
-        if pipeline.fixed_k is None or not pipeline.takes_classes:
+        if built.fixed_k is None or not built.takes_classes:
             return make_images(n)
-        classes = torch.randint(0, pipeline.num_classes, (n, pipeline.fixed_k), generator=torch.Generator().manual_seed(1))
+        classes = torch.randint(0, built.num_classes, (n, built.fixed_k), generator=torch.Generator().manual_seed(1))
         return (*make_images(n), classes.to(device))
 
-    call = _device_checked(pipeline, args.model, settings.device) if pipeline.backend == "pt2" else pipeline
-    return Target(call, make_inputs, model=args.model, backend=pipeline.backend, methods=list(pipeline.methods),
-                   k=pipeline.k, layer=pipeline.layer, input_shape=shape, extra=dict(pipeline.info))
+    call = _device_checked(built, args.model, settings.device) if built.backend == "pt2" else built
+    return Target(call, make_inputs, model=args.model, backend=built.backend, methods=list(built.methods),
+                   k=built.k, layer=built.layer, input_shape=shape, extra=dict(built.info))
 
 
 def _device_checked(program: Callable[..., object], path: str, device: torch.device) -> Callable[..., object]:
@@ -202,11 +202,10 @@ def _device_checked(program: Callable[..., object], path: str, device: torch.dev
     return call
 
 
-def _images(shape: Sequence[int], device: torch.device,
-            dtype: torch.dtype = torch.float32) -> Callable[[int], tuple[Tensor]]:
+def _images(shape: Sequence[int], device: torch.device) -> Callable[[int], tuple[Tensor]]:
     def make(n: int) -> tuple[Tensor]:
         # Seeded the same for every batch size and backend, so rows and runs see the same images.
-        images = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+        images = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).to(device)
         return (images,)
     return make
 

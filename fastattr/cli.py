@@ -1,5 +1,5 @@
 """The `fastattr` command line: argparse, and errors turned into exit codes. Every subcommand builds what it
-runs through `fastattr.build` (the model options are declared once, in `fastattr.options`).
+runs through `fastattr.pipeline` (the model options are declared once, in `fastattr.options`).
 
     fastattr explain IMAGE_OR_FOLDER... -o OUTDIR [MODEL OPTIONS] [--batch-size B] [--ray [--address A] [--workers N]]
     fastattr layers MODEL
@@ -17,37 +17,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import build as _build, zoo
+from . import zoo
+from .pipeline import DEFAULTS, Spec, build, export as export_spec, load_model
 from .errors import FastattrError
 from .layers import default_layer, layers
-from .options import add_spec_arguments, spec_from_args
+from .options import add_spec_arguments, spec_from_args, usage_error
 
-__all__ = ["main", "usage_error"]
-
-
-def usage_error(message: str) -> int:
-    """Print `message` as the command line's error and return its exit status, 2."""
-    print(f"fastattr: error: {message}", file=sys.stderr)
-    return 2
+__all__ = ["main"]
 
 
 def export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, export_program
-
-    spec = spec_from_args(args)
-    model = _build.load_model(spec, "--")
-    size = spec.input_size or _build.DEFAULTS["input_size"]
-    k = _build.DEFAULTS["k"] if spec.k is None else spec.k
-    shape = (3, size, size)
-    common = dict(layer=spec.layer, methods=spec.methods or _build.DEFAULTS["methods"], k=k, input_shape=shape,
-                  with_classes=args.with_classes, **spec.sampling)
-    if args.format == "onnx":
-        path = export_onnx(model, args.output, **common)
-    else:
-        path = export_program(model, args.output, aoti=args.format == "aoti", **common)
-    print(f"wrote {path} ({args.format}; inputs images [N, {', '.join(map(str, shape))}]"
+    spec = spec_from_args(args, with_classes=args.with_classes)
+    path = export_spec(spec, args.output, args.format, "--")
+    size, k = spec.input_size or DEFAULTS["input_size"], DEFAULTS["k"] if spec.k is None else spec.k
+    print(f"wrote {path} ({args.format}; inputs images [N, 3, {size}, {size}]"
           f"{' and classes [N, %d]' % k if args.with_classes else ''}; outputs logits, classes, "
-          f"{', '.join(common['methods'])})")
+          f"{', '.join(spec.methods or DEFAULTS['methods'])})")
     return 0
 
 
@@ -56,7 +41,7 @@ def explain(args: argparse.Namespace) -> int:
 
     if args.ray:
         return _explain_on_ray(args)
-    pipeline = _build.build(spec_from_args(args), "--")
+    pipeline = build(spec_from_args(args), "--")
     report = files.explain_files(args.paths, pipeline, args.output, size=pipeline.input_size,
                                  batch_size=args.batch_size, class_names=pipeline.names, progress=not args.no_progress)
     print(f"wrote {len(report.written)} images and {report.results} to {args.output}")
@@ -86,7 +71,7 @@ def _report_failed(failed: list[str]) -> int:
 
 
 def list_layers(args: argparse.Namespace) -> int:
-    model = _build.load_model(_build.Spec(args.model), "--")
+    model = load_model(Spec(args.model), "--")
     default = default_layer(model)
     names = layers(model)
     for name in names if default in names else [*names, default]:

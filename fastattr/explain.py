@@ -220,7 +220,10 @@ class Explainer:
         for n in (1, 2):
             images = torch.zeros(n, *image_shape, dtype=dtype, device=device)
             for given in named:
-                self(images, classes=torch.zeros(n, k, dtype=torch.long, device=device) if given else None, k=k)
+                if given:
+                    self(images, classes=torch.zeros(n, k, dtype=torch.long, device=device))
+                else:
+                    self(images, k=k)
         return time.perf_counter() - start
 
     def _run_compiled(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None):

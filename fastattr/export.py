@@ -65,8 +65,8 @@ def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: S
     """The attribution traced into one graph (`_export.trace`), its example inputs and its metadata.
 
     Unless `options` name a `k_form`, a backward that stays above the layer is first vmapped over the K
-    classes: in onnxruntime one batched MatMul reads a classifier's weight once instead of K times (resnet50
-    top-5 Grad-CAM at batch 1 went from 0.85x to 0.97x plain inference). Where the vmapped trace fixes the
+    classes: in onnxruntime one batched MatMul reads a classifier's weight once instead of K times, which
+    matters most at batch 1 (docs/performance.md, the onnxruntime section). Where the vmapped trace fixes the
     batch size (it did at resnet's `layer3` and in the ViTs tested) or fails, the K calls are traced instead.
     """
     head_only = _methods.reads(_methods.resolve(methods)) <= {"acts", "acts_grads"}
@@ -161,7 +161,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
 def _optimize(model) -> None:
     """onnxscript's optimiser as torch.onnx runs it (constant folding, its rewrite rules, dead code and
     duplicates removed), less its Slice-to-Split rule: on densenet121's backward, whose concatenations'
-    gradients are hundreds of Slices, that rule took 80 of the export's 295 s and rewrote nothing. An
+    gradients are hundreds of Slices, that rule took a large share of the export's time and rewrote nothing. An
     onnxscript without these names gets its whole optimiser."""
     from onnxscript import optimizer
 

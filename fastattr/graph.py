@@ -196,7 +196,7 @@ class Pass(NamedTuple):
 def _per_class(backward: Callable[[Tensor, bool], tuple[Tensor, ...]], cotangents: Tensor,
                k_form: KForm) -> tuple[Tensor, ...]:
     # The last backward frees the graph: a retained graph keeps every saved activation alive through
-    # the backward, which cost 15 % on resnet50 (fresh memory instead of reused buffers).
+    # the backward, which measured slower on resnet50 (fresh memory instead of reused buffers).
     if k_form == "vmap":
         grads = vmap(lambda ct: backward(ct, False))(cotangents)
     else:

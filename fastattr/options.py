@@ -7,17 +7,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import zoo
-from .build import BACKENDS, DEFAULTS, Spec
+from .pipeline import BACKENDS, DEFAULTS, Spec
 from .errors import InputError
 from .explain import SAMPLING
 from .methods import METHODS
 
-__all__ = ["add_spec_arguments", "spec_from_args"]
+__all__ = ["add_spec_arguments", "spec_from_args", "usage_error"]
+
+
+def usage_error(message: str) -> int:
+    """Print `message` as a command's usage error and return its exit status, 2."""
+    print(f"fastattr: error: {message}", file=sys.stderr)
+    return 2
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, *, backends: Sequence[str] = BACKENDS,

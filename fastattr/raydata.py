@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import images as _images
-from .build import Spec, build
+from .pipeline import Spec, build, check
+from .options import spec_from_args
 from .errors import InputError
 
 __all__ = ["ExplainBatch", "explain_to_parquet"]
@@ -51,7 +52,7 @@ class ExplainBatch:
         probabilities = np.zeros((n, k), dtype=np.float32)
         maps = {m: np.zeros((n, k, self.size, self.size), dtype=np.uint8) for m in self.methods}
         if good:
-            out = self.pipeline(_images.normalize(torch.stack([decoded[i] for i in good])))
+            out = self.pipeline(_images.normalize(torch.stack([decoded[i] for i in good]))).cpu()
             classes[good] = out.classes.numpy()
             probabilities[good] = out.logits.float().softmax(-1).gather(1, out.classes).numpy()
             for m in self.methods:
@@ -61,17 +62,25 @@ class ExplainBatch:
                 "probabilities": probabilities, **{f"map_{m}": v for m, v in maps.items()}}
 
 
-def explain_to_parquet(paths: str | Sequence[str], out: str | Path, spec: Spec = Spec(), *, workers: int = 1,
-                       batch_size: int = 16, address: str | None = None) -> list[str]:
-    """Explain every file under `paths` on Ray Data with what `spec` builds, and write Parquet to the folder
-    `out`. Returns the reasons of the files that were not readable images (those have no row).
+def explain_to_parquet(paths: str | Sequence[str], out: str | Path, spec: Spec | None = None, *, workers: int = 1,
+                       batch_size: int = 16, address: str | None = None, **options) -> list[str]:
+    """Explain every file under `paths` on Ray Data with what `spec` builds (or a spec of `options`: model,
+    weights, layer, methods, k, ...), and write Parquet to the folder `out`. Returns the reasons of the files
+    that were not readable images (those have no row).
 
-    The spec is built once here first, so that a bad one fails before Ray starts; then once per worker.
-    Local paths are listed as `fastattr explain` lists them (folders: files with an image suffix); a URI
-    (`s3://...`) goes to Ray as it is."""
+    A spec that exports on the fly (backend onnx or pt2 of a named model) is checked here and built by each
+    worker; any other is built here first, so that a bad one fails before Ray starts. Local paths are listed as
+    `fastattr explain` lists them (folders: files with an image suffix); a URI (`s3://...`) goes to Ray as it is."""
     import ray
 
-    build(spec)
+    if spec is None:
+        spec = spec_from_args(options)
+    elif options:
+        raise InputError(f"explain_to_parquet: pass a spec or its options ({', '.join(options)}), not both")
+    if spec.export_file is None and spec.backend in ("onnx", "pt2"):
+        check(spec)
+    else:
+        build(spec)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not any("://" in str(p) for p in paths):
         paths = [str(p) for p in _images.find(paths)[0]]
@@ -89,6 +98,7 @@ def explain_to_parquet(paths: str | Sequence[str], out: str | Path, spec: Spec =
         files = ray.data.read_binary_files(paths, include_paths=True)
         explained = files.map_batches(
             ExplainBatch, batch_size=batch_size, concurrency=workers, batch_format="numpy",
+            num_gpus=1 if spec.device == "cuda" else 0,
             fn_constructor_kwargs=dict(spec=spec)).materialize()
         from ray.data.expressions import col
 

@@ -58,7 +58,7 @@ def test_a_run_writes_json_with_one_row_of_positive_numbers_per_batch_size(eager
     meta = report["meta"]
     assert {k: meta[k] for k in ("model", "backend", "methods", "k", "layer", "device", "input_shape")} == {
         "model": "resnet18", "backend": "eager", "methods": ["gradcam", "saliency"], "k": 3, "layer": "layer4",
-        "device": "cpu", "input_shape": [3, 32, 32]}  # fastattr.build.DEFAULTS: the same defaults as every entry point
+        "device": "cpu", "input_shape": [3, 32, 32]}  # fastattr.pipeline.DEFAULTS: the same defaults as every entry point
     assert meta["torch"] == torch.__version__ and meta["threads"] == torch.get_num_threads()
 
 

@@ -15,7 +15,7 @@ import torchvision
 
 import fastattr
 from fastattr import bench, cli, files, images, zoo
-from fastattr.build import Spec, build
+from fastattr.pipeline import Spec, build
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import fastattr
 from fastattr import cli, images, raydata
-from fastattr.build import Spec
+from fastattr.pipeline import Spec
 
 pytest.importorskip("ray.data")
 

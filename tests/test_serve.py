@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 
 import fastattr  # noqa: E402
 from fastattr import images, serve as fserve, zoo  # noqa: E402
-from fastattr.build import Spec, build  # noqa: E402
+from fastattr.pipeline import Spec, build  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
@@ -214,7 +214,7 @@ def test_serve_takes_the_smoothgrad_and_ig_options():
     args = parser.parse_args(["--samples", "4", "--noise", "0", "--steps", "8"])
     assert (args.samples, args.noise, args.steps) == (4, 0.0, 8)
     assert fserve.app_options({"samples": "4", "noise": "0.2", "steps": "8"})["noise"] == 0.2
-    with pytest.raises(ValueError, match="samples='0'"):
+    with pytest.raises(ValueError, match="samples: expected an int >= 1, got 0"):
         fserve.app_options({"samples": "0"})
 
 

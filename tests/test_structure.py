@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fastattr"
-# The front ends: each builds through fastattr.build and imports the core, never another front end. The command
+# The front ends: each builds through fastattr.pipeline and imports the core, never another front end. The command
 # line dispatches to the subcommands the others define (their parsers and runs), so it alone imports those.
 FRONT_ENDS = {"fastattr.cli", "fastattr.bench", "fastattr.raydata", "fastattr.serve"}
 DISPATCHER = "fastattr.cli"
@@ -137,9 +137,9 @@ def test_a_front_end_imports_no_other_front_end(front_end):
 def test_a_front_end_builds_through_the_one_construction_path(front_end):
     modules = [m for m in MODULES if front_end_of(m) == front_end]
     edges = internal_edges()
-    assert any("fastattr.build" in edges[m] or "fastattr.options" in edges[m] for m in modules)
+    assert any("fastattr.pipeline" in edges[m] or "fastattr.options" in edges[m] for m in modules)
     # ... and constructs no explainer of its own.
     for module in modules:
         source = MODULES[module].read_text()
         for constructor in ("Explainer(", "OnnxExplainer(", "load_program(", "zoo.load_model("):
-            assert constructor not in source, f"{module} calls {constructor} itself instead of fastattr.build"
+            assert constructor not in source, f"{module} calls {constructor} itself instead of fastattr.pipeline.build"

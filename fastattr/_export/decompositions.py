@@ -24,9 +24,8 @@ def _convolution_input_grad(grad_output, input, weight, bias_sizes, stride, padd
     reach = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
     if all(s == 1 for s in stride) and all(0 <= p <= r for p, r in zip(padding, reach)):
         # Unstrided, the transposed convolution is a convolution with the kernel flipped and its channel axes
-        # swapped per group. In onnxruntime's profile of resnet18's saliency at batch 16, the 13 unstrided
-        # ConvTransposes and the 7 strided ones took 256-279 ms a call; as 13 Convs and 7 ConvTransposes, about
-        # 105-135 ms and 65 ms (benchmarks/results/onnx-profile.md).
+        # swapped per group: onnxruntime runs a Conv much faster than the equal ConvTranspose (the saliency
+        # profile before and after, benchmarks/results/onnx-profile.md).
         flipped = weight.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1).flip(-2, -1)
         grad_input = torch.nn.functional.conv2d(grad_output, flipped, None, 1, [r - p for r, p in zip(reach, padding)],
                                                 dilation, groups)
@@ -66,9 +65,8 @@ def _adaptive_avg_pool2d_input_grad(grad_output: Tensor, input: Tensor) -> Tenso
 
 
 def _threshold_input_grad(grad_output: Tensor, x: Tensor, threshold: float) -> Tensor:
-    # ReLU's backward as a product with its mask, not a Where: in onnxruntime's profile of resnet18's saliency at
-    # batch 16, the 17 Wheres took 123-128 ms a call; the products, casts and Nots about 34 ms
-    # (benchmarks/results/onnx-profile.md). Only an infinite or NaN gradient differs (NaN, not 0).
+    # ReLU's backward as a product with its mask, not a Where, which onnxruntime runs far slower (the saliency
+    # profile, benchmarks/results/onnx-profile.md). Only an infinite or NaN gradient differs (NaN, not 0).
     return grad_output * (x <= threshold).logical_not().to(grad_output.dtype)
 
 

@@ -10,9 +10,8 @@ from .trace import input_batch_sizes
 
 def resize_ops_for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` with its bilinear resizes of a fixed size as two MatMuls with interpolation matrices, `R_h @ x @ R_w^T`
-    (a bilinear resize is separable and linear). With them and `one_hot_products_as_gathers`, the ops that
-    resnet18's top-5 Grad-CAM adds to its inference took 3.3 ms in onnxruntime at batch 16, 6 ms with one Resize
-    (benchmarks/results/onnx-profile.md). A resize whose size involves the batch becomes `upsample_bilinear2d.vec`,
+    (a bilinear resize is separable and linear): onnxruntime's Resize was the largest op the explanation added
+    (benchmarks/results/onnx-profile.md, before and after). A resize whose size involves the batch becomes `upsample_bilinear2d.vec`,
     which torch.onnx translates to one Resize (it decomposes `.default` into index gathers)."""
     batch = _batch_symbols(gm)
     for node in list(gm.graph.nodes):

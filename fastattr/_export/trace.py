@@ -37,8 +37,8 @@ class _StridelessTrace(torch.overrides.TorchFunctionMode):
     A third: scaled dot-product attention traces to a fused CPU kernel whose backward ONNX lacks; written out
     as softmax(q k^T * scale) v, its backward is MatMuls and a softmax's.
     A fourth, for speed: a bilinear resize outside the differentiated region (the maps' upsampling) stays
-    one op, exported as one Resize; traced through autograd it decomposes into four index gathers, with
-    which onnxruntime's resnet18 Grad-CAM ran at 0.72x its plain inference instead of 0.94x."""
+    one op, exported as one Resize; traced through autograd it decomposes into four index gathers, which
+    onnxruntime ran markedly slower (docs/performance.md, the onnxruntime section)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -44,7 +44,7 @@ probabilities within 1e-5 and maps within float rounding, so maps=array bytes di
 (1/255). The backend, chosen at start-up, is the eager `Explainer`, the compiled one (`compile=True`: every
 pass runs at k = max_k, so that few graphs compile, all at start-up) or an ONNX export (`onnx=FILE`, run in
 onnxruntime: its k, input size and methods are the file's, and naming classes needs an export made with
-`--with-classes`); any backend of `fastattr.build` serves (`backend=pt2` too).
+`--with-classes`); any backend of `fastattr.pipeline` serves (`backend=pt2` too).
 """
 
 from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, ExplainService, app, app_options

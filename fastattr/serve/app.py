@@ -1,4 +1,4 @@
-"""The Ray Serve application: one "fastattr" deployment, built from its arguments through `fastattr.build`.
+"""The Ray Serve application: one "fastattr" deployment, built from its arguments through `fastattr.pipeline`.
 
     serve run fastattr.serve:app model=resnet50 weights=resnet50.pth max_batch_size=16
     serve deploy serve_config.yaml
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import zoo
-from ..build import build, parse_methods
+from ..pipeline import build, parse_methods
 from ..errors import FastattrError, InputError
 from ..options import spec_from_args
 from .batching import Answer, Query, answer_batch
@@ -78,7 +78,6 @@ SPEC_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "onnx": _optional(str), "compile": _bool, "device": str, "backend": _optional(str), "input_size": _optional(int),
     "samples": _optional(int), "noise": _optional(float), "steps": _optional(int),
 }
-_SPEC_LEAST = {"input_size": 1, "samples": 1, "noise": 0, "steps": 1}
 DEFAULTS: dict[str, Any] = {**{name: None for name in SPEC_OPTIONS}, "model": zoo.PRETRAINED, "compile": False,
                             "device": "cpu", **{name: o.default for name, o in SERVER_OPTIONS.items()}}
 
@@ -156,12 +155,12 @@ def app_options(args: Mapping[str, Any]) -> dict[str, Any]:
             options[name] = option.convert(value) if option else SPEC_OPTIONS[name](value)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"app: {name}={value!r}: {exc}") from None
-        low = option.at_least if option else _SPEC_LEAST.get(name)
-        if low is not None and options[name] is not None and options[name] < low:
-            raise ValueError(f"app: {name}={value!r}: must be at least {low}")
-    if options["device"] not in ("cpu", "cuda"):
-        raise ValueError(f"app: device={options['device']!r}: expected cpu or cuda")
-    spec = spec_from_args(options)  # checks the spec's options together, before any replica starts
+        if option and options[name] < option.at_least:
+            raise ValueError(f"app: {name}={value!r}: must be at least {option.at_least}")
+    try:
+        spec = spec_from_args(options)  # the spec checks its own options, before any replica starts
+    except FastattrError as exc:
+        raise ValueError(f"app: {exc}") from None
     if spec.export_file is None:
         zoo.check_name(spec.model)
     return options

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import images as _images
-from ..build import Pipeline
+from ..pipeline import Pipeline
 
 __all__ = ["Query", "Answer", "answer_batch"]
 

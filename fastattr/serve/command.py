@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from ..errors import FastattrError
-from ..options import add_spec_arguments
+from ..options import add_spec_arguments, usage_error
 from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, app
 
 __all__ = ["add_arguments", "run"]
@@ -37,23 +37,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="default: 8000")
 
 
-def _usage_error(message: str) -> int:
-    print(f"fastattr: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     """Start Ray and the deployment on this machine and serve until Ctrl-C; 2 on a usage error, 1 if it fails."""
     options = {name: getattr(args, name) for name in DEFAULTS}
-    for name in ("weights", "onnx"):
-        if options[name] is not None:
-            if not Path(options[name]).is_file():
-                return _usage_error(f"--{name} {options[name]}: no such file")
-            options[name] = str(Path(options[name]).resolve())
+    for name in ("weights", "onnx", "model"):
+        value = options[name]
+        if value is None or (name == "model" and Path(value).suffix.lower() not in (".onnx", ".pt2")):
+            continue
+        if not Path(value).is_file():
+            return usage_error(f"--{name} {value}: no such file")
+        options[name] = str(Path(value).resolve())  # the replica's working folder may differ from ours
     try:
         application = app(options)
     except (ValueError, FastattrError) as exc:
-        return _usage_error(str(exc).removeprefix("app: "))
+        return usage_error(str(exc).removeprefix("app: "))
     import ray
     from ray import serve
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import images as _images, overlay, targets
-from ..build import Pipeline
+from ..pipeline import Pipeline
 from ..errors import InputError, TargetError
 from .batching import Answer, Query
 
@@ -70,7 +70,7 @@ def parse_query(params: Mapping[str, str], pipeline: Pipeline, max_k: int) -> Qu
         if len(classes) > max_k:
             raise RequestError(400, f"classes: {len(classes)} given, but {limit}; split the request")
         if not pipeline.takes_classes:
-            raise RequestError(400, f"classes: this server's ONNX export picks the top-{pipeline.fixed_k} classes "
+            raise RequestError(400, f"classes: this server's export picks the top-{pipeline.fixed_k} classes "
                                     "itself; ask for k, or serve an export made with --with-classes")
         k = len(classes)
     else:

@@ -29,7 +29,7 @@ from .errors import InputError
 from .explain import SAMPLING, Explainer, Explanation
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
 
-__all__ = ["Spec", "Pipeline", "build", "load_model", "check_device", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
+__all__ = ["Spec", "Pipeline", "build", "load_model", "check", "check_device", "export", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
            "EXPORT_SUFFIXES"]
 
 BACKENDS = ("eager", "compiled", "onnx", "pt2")
@@ -161,8 +161,11 @@ class Pipeline:
         if k is not None and k != self.fixed_k:
             raise InputError(f"k {k}: {self.description} was exported for k={self.fixed_k}; use k={self.fixed_k}, "
                              "or export again with --k")
-        dtype = self._explain.dtype if isinstance(self._explain, Program) else getattr(torch, self._explain.meta["dtype"])
-        images = images.to(dtype)
+        # A .pt2 program runs on the device it was exported for (the spec's); onnxruntime takes host tensors.
+        program = isinstance(self._explain, Program)
+        device = self.spec.device if program else "cpu"
+        images = images.to(device=device, dtype=self._explain.dtype if program else getattr(torch, self._explain.meta["dtype"]))
+        classes = classes.to(device) if isinstance(classes, Tensor) else classes
         if classes is None and self.takes_classes:  # the export takes classes only: find the top-k first
             probe = self._explain(images, torch.zeros(len(images), self.fixed_k, dtype=torch.long, device=images.device))
             classes = probe.logits.topk(self.fixed_k, dim=1).indices
@@ -177,7 +180,7 @@ class Pipeline:
         start = time.perf_counter()
         if isinstance(self._explain, Explainer):
             return self._explain.prepare((3, self.input_size, self.input_size), self.k if k is None else k, named)
-        images = torch.zeros(2, 3, self.input_size, self.input_size)
+        images = torch.zeros(2, 3, self.input_size, self.input_size)  # __call__ moves them where the export runs
         for given in (g for g in named if self.takes_classes or not g):
             self(images, torch.zeros(2, self.fixed_k, dtype=torch.long) if given else None)
         return time.perf_counter() - start
@@ -194,9 +197,51 @@ def check_device(spec: Spec, option_prefix: str = "") -> None:
 def load_model(spec: Spec, option_prefix: str = "") -> nn.Module:
     """The spec's model by name (`fastattr.zoo.load_model`), on its device, in eval mode."""
     if spec.export_file is not None:
-        raise InputError(f"{option_prefix}model {spec.model}: an export file, not a model to load")
-    check_device(spec, option_prefix)
+        raise InputError(f"{option_prefix}model {spec.model}: an export holds a graph, not a model to load; pass a "
+                         "model name (and --weights)")
+    check(spec, option_prefix)
     return zoo.load_model(spec.model, spec.weights).to(spec.device)
+
+
+def check(spec: Spec, option_prefix: str = "") -> None:
+    """What can be checked of a spec without loading anything: the device, and the model's name or file."""
+    check_device(spec, option_prefix)
+    path = Path(spec.model)
+    if spec.export_file is not None:
+        kind = EXPORT_SUFFIXES[spec.export_file.suffix.lower()]
+        if spec.backend is not None and spec.backend != kind:
+            raise InputError(f"{option_prefix}backend {spec.backend}: {spec.model!r} is a .{kind} export, which sets "
+                             f"the backend ({kind}); drop {option_prefix}backend (and {option_prefix}compile) or pass "
+                             "a model name")
+        if spec.weights is not None:
+            raise InputError(f"{option_prefix}weights: {spec.model!r} is an export that holds its weights; drop "
+                             f"{option_prefix}weights")
+        if not path.is_file():
+            raise InputError(f"{option_prefix}model {spec.model}: no such file")
+    elif path.is_file():
+        raise InputError(f"{option_prefix}model {spec.model!r}: a file must be a fastattr export ending in .onnx or "
+                         ".pt2 (or pass a model name)")
+    else:
+        zoo.check_name(spec.model)
+    if spec.backend == "onnx" or (spec.export_file is not None and spec.export_file.suffix.lower() == ".onnx"):
+        _onnx_providers(spec.device, option_prefix)
+
+
+def export(spec: Spec, path: str | Path, fmt: str = "onnx", option_prefix: str = "") -> Path:
+    """Export the named model of `spec` to `path` as `fmt` ("onnx", "pt2" or "aoti"), with the spec's layer,
+    methods, k, input size, class input and sampling options (the defaults where not given). ONNX is traced on
+    the CPU (onnxruntime chooses its own device); a program on the spec's device, where it will run.
+
+    >>> export(Spec("resnet18", methods="gradcam", k=5), "resnet18.onnx")   # doctest: +SKIP
+    """
+    model = load_model(replace(spec, device="cpu") if fmt == "onnx" else spec, option_prefix)
+    size = spec.input_size or DEFAULTS["input_size"]
+    options = dict(layer=spec.layer, methods=spec.methods or DEFAULTS["methods"],
+                   k=DEFAULTS["k"] if spec.k is None else spec.k, input_shape=(3, size, size),
+                   with_classes=spec.with_classes, **spec.sampling)
+    if fmt == "onnx":
+        return export_onnx(model, path, **options)
+    return export_program(model, path, aoti=fmt == "aoti", **options)
 
 
 def build(spec: Spec, option_prefix: str = "") -> Pipeline:
@@ -206,32 +251,27 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
 
     >>> pipeline = build(Spec("resnet18", backend="onnx", methods=("gradcam",), k=5, input_size=64))  # doctest: +SKIP
     """
+    check(spec, option_prefix)
     if spec.export_file is not None:
         return _from_export_file(spec, option_prefix)
-    if Path(spec.model).is_file():
-        raise InputError(f"{option_prefix}model {spec.model!r}: a file must be a fastattr export ending in .onnx or "
-                         ".pt2 (or pass a model name)")
     backend = spec.backend or DEFAULTS["backend"]
-    model = load_model(spec, option_prefix)
-    size = spec.input_size or DEFAULTS["input_size"]
-    methods = spec.methods or DEFAULTS["methods"]
-    k = DEFAULTS["k"] if spec.k is None else spec.k
     if backend in ("eager", "compiled"):
-        explainer = Explainer(model, layer=spec.layer, methods=methods, compile=backend == "compiled", **spec.sampling)
+        model = load_model(spec, option_prefix)
+        size = spec.input_size or DEFAULTS["input_size"]
+        explainer = Explainer(model, layer=spec.layer, methods=spec.methods or DEFAULTS["methods"],
+                              compile=backend == "compiled", **spec.sampling)
         num_classes = explainer.num_classes(torch.zeros(1, 3, size, size, device=spec.device))
-        return Pipeline(spec, backend, spec.model, explainer.methods, explainer.layer, k, None, num_classes, size,
-                        True, class_names(num_classes), {}, explainer)
+        return Pipeline(spec, backend, spec.model, explainer.methods, explainer.layer,
+                        DEFAULTS["k"] if spec.k is None else spec.k, None, num_classes, size, True,
+                        class_names(num_classes), {}, explainer)
     # An export made now, to a file that lives only until it is loaded: onnxruntime and torch.export hold it all.
     with tempfile.TemporaryDirectory(prefix="fastattr-build-") as folder:
-        path = Path(folder) / f"model.{backend}"
         start = time.perf_counter()
-        options = dict(layer=spec.layer, methods=methods, k=k, input_shape=(3, size, size),
-                       with_classes=spec.with_classes, **spec.sampling)
-        (export_onnx if backend == "onnx" else export_program)(model, path, **options)
+        path = export(spec, Path(folder) / f"model.{backend}", backend, option_prefix)
         export_s = time.perf_counter() - start
         pipeline = _from_export_file(replace(spec, model=str(path), weights=None, layer=None, methods=None, k=None,
-                                             input_size=None, backend=None, samples=None, noise=None, steps=None),
-                                     option_prefix)
+                                             input_size=None, backend=None, with_classes=False, samples=None,
+                                             noise=None, steps=None), option_prefix)
     pipeline.spec, pipeline.description, pipeline.info["export_s"] = spec, spec.model, export_s
     return pipeline
 
@@ -239,11 +279,6 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
 def _from_export_file(spec: Spec, prefix: str) -> Pipeline:
     path = spec.export_file
     kind = EXPORT_SUFFIXES[path.suffix.lower()]
-    if spec.backend is not None and spec.backend != kind:
-        raise InputError(f"{prefix}backend {spec.backend}: {str(path)!r} is a .{kind} export, which sets the backend "
-                         f"({kind}); drop {prefix}backend or pass a model name")
-    if spec.weights is not None:
-        raise InputError(f"{prefix}weights: {str(path)!r} is an export that holds its weights; drop {prefix}weights")
     if kind == "onnx":
         explainer = OnnxExplainer(path, providers=_onnx_providers(spec.device, prefix))
         import onnxruntime as ort
