@@ -18,6 +18,9 @@ import torch
 import fastattr
 from harness import FULL, SIZE, first_call, images, model, run, torch_case
 
+# Benchmarks run one at a time, in one process (a figure is worthless beside another run), and are slow.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
+
 MODELS = ("resnet18", "resnet50") if FULL else ("resnet18",)
 BATCHES = (1, 16) if FULL else (2,)
 FOLDER = Path(tempfile.gettempdir()) / "fastattr-bench-onnx"

@@ -19,6 +19,9 @@ import pytest
 
 from harness import COMPILE_BACKEND, FULL, SIZE, first_call, images, run, torch_case
 
+# Benchmarks run one at a time, in one process (a figure is worthless beside another run), and are slow.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
+
 DEVICE = os.environ.get("FASTATTR_BENCH_DEVICE", "cpu")
 ON = "" if DEVICE == "cpu" else f" {DEVICE}"  # group names, as the CPU results files have them
 

@@ -13,6 +13,9 @@ from baselines import (article_gradcam, article_saliency, forward_backward_to_in
                        retain_graph_loop)
 from harness import BATCH, SMOKE, images, model, run
 
+# Benchmarks run one at a time, in one process (a figure is worthless beside another run), and are slow.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
+
 MODEL = "resnet18" if SMOKE else "resnet50"
 REFERENCE_IMAGES = 1 if SMOKE else 2  # the article works one image at a time: its throughput needs no full batch
 

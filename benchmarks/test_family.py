@@ -20,6 +20,9 @@ from baselines import captum_integrated_gradients, captum_smoothgrad
 from fastattr import graph
 from harness import SMOKE, images, model, run
 
+# Benchmarks run one at a time, in one process (a figure is worthless beside another run), and are slow.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
+
 MODEL = "resnet18"
 BATCH = 2 if SMOKE else 8
 SAMPLE_BATCH = 1 if SMOKE else 2

@@ -3,6 +3,9 @@
 
 import pytest
 
+# Each of these starts Ray on this machine: one such module at a time, in one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
 pytest.importorskip("ray.serve")
 
 

@@ -35,6 +35,9 @@ from baselines import (article_gradcam, article_saliency, captum_layer_gradcam, 
                        forward_backward_to_input, grad_cam_package, plain_inference)
 from harness import COMPILE_BACKEND, FULL, SIZE, first_call, images, model, run
 
+# Benchmarks run one at a time, in one process (a figure is worthless beside another run), and are slow.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
+
 TARGETS = ([("resnet18", "layer4"), ("resnet50", "layer4"), ("resnet50", "layer3")] if FULL
            else [("resnet18", "layer4")])
 METHODS = [("gradcam", 1), ("gradcam", 5), ("saliency", 1), ("saliency", 5)]

@@ -16,6 +16,9 @@ import fastattr
 from baselines import grad_cam_package, plain_inference
 from harness import SMOKE, run
 
+# Benchmarks run one at a time, in one process (a figure is worthless beside another run), and are slow.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
+
 BATCH, PEER_BATCH = (2, 1) if SMOKE else (16, 4)
 SIZE, PATCH = (32, 8) if SMOKE else (224, 16)
 GROUP = f"vit top-5 gradcam {SIZE}px"

@@ -37,6 +37,7 @@ def assert_same_explanation(got, want):
         assert_order_sensitive_close(got.maps[name].numpy(), want.maps[name].numpy())
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 @pytest.mark.parametrize("name,layer", [("resnet18", "layer3"), ("vgg11_bn", "features.14")])
 def test_compiled_attribution_equals_eager_and_reference_for_k_1_and_3(name, layer):
     net, x = model(name), images(2)
@@ -61,6 +62,7 @@ def test_the_whole_attribution_traces_as_one_graph_without_breaks():
     assert report.graph_break_count == 0 and report.graph_count == 1
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_the_batch_is_dynamic_and_each_k_compiles_once():
     torch._dynamo.reset()
     explainer = fastattr.Explainer(model("resnet18"), layer="layer4", compile={"backend": "eager"})
@@ -71,6 +73,7 @@ def test_the_batch_is_dynamic_and_each_k_compiles_once():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_each_compiled_explainer_has_its_own_recompile_budget():
     # torch.compile caches graphs per code object, and every Explainer's bound method shares one: without a
     # code object of its own, the ninth (model, shape) in a process would exceed the recompile limit (8).
@@ -82,6 +85,7 @@ def test_each_compiled_explainer_has_its_own_recompile_budget():
         assert_same_explanation(explainer(x, k=2), fastattr.Explainer(net, layer="1")(x, k=2))
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_past_the_recompile_limit_new_image_sizes_run_eagerly_with_a_warning():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
@@ -100,6 +104,7 @@ def test_dynamic_true_is_refused_since_k_must_stay_static():
         fastattr.Explainer(model("resnet18"), compile={"dynamic": True})
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_compiled_half_precision_traces_as_one_graph():
     explainer = fastattr.Explainer(model("resnet18"), layer="layer3", methods=("gradcam", "saliency"),
                                    dtype=torch.bfloat16, compile={"backend": "aot_eager"})
@@ -127,6 +132,7 @@ def program_path(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_loaded_program_equals_eager_for_any_batch_size(program_path, n):
     program = fastattr.load_program(program_path)
@@ -135,6 +141,7 @@ def test_a_loaded_program_equals_eager_for_any_batch_size(program_path, n):
     assert_same_explanation(program(x), want)
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_a_saved_program_runs_in_a_fresh_process_without_fastattr_or_the_model_class(program_path, tmp_path):
     x = images(2, seed=9)
     want = fastattr.Explainer(model("resnet18"), layer="layer3", methods=("gradcam", "saliency"))(x, k=3)
@@ -157,6 +164,7 @@ print("ok")
     assert done.stdout.strip() == "ok"
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_a_program_with_a_classes_input_explains_the_given_classes(tmp_path):
     path = fastattr.export_program(model("resnet18"), tmp_path / "with-classes.pt2", layer="layer4", k=2,
                                    input_shape=(3, 64, 64), with_classes=True)
@@ -166,6 +174,7 @@ def test_a_program_with_a_classes_input_explains_the_given_classes(tmp_path):
     assert_same_explanation(program(x, classes), want)
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_an_aoti_package_equals_eager(tmp_path):
     path = fastattr.export_program(model("resnet18"), tmp_path / "aoti.pt2", layer="layer4", k=2,
                                    input_shape=(3, 64, 64), aoti=True)
@@ -183,6 +192,7 @@ WRONG_INPUTS = [
 ]
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 @pytest.mark.parametrize("call,message", WRONG_INPUTS)
 def test_a_program_refuses_inputs_it_was_not_exported_for(program_path, call, message):
     with pytest.raises(fastattr.InputError, match=message):
@@ -199,6 +209,7 @@ def test_a_file_that_is_not_a_program_is_refused(tmp_path):
         fastattr.load_program(tmp_path / "plain.pt2")
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_every_method_compiles_into_one_graph_equal_to_eager():
     # One explainer with all thirteen methods: one fullgraph compile (a graph break would raise). SmoothGrad's
     # noise is an input of the graph, drawn from the seed outside it, so compiled and eager see the same draw.
@@ -212,6 +223,7 @@ def test_every_method_compiles_into_one_graph_equal_to_eager():
     torch.testing.assert_close(got.completeness, want.completeness, rtol=0, atol=1e-2)
 
 
+@pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_a_program_with_smoothgrad_and_ig_takes_noise_and_returns_the_completeness_error(tmp_path):
     options = dict(layer="layer4", methods=("smoothgrad", "ig"), samples=2, steps=2)
     path = fastattr.export_program(model("resnet18"), tmp_path / "sg-ig.pt2", k=2, input_shape=(3, 64, 64), **options)

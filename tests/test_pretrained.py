@@ -77,6 +77,7 @@ def test_coffee_photo_is_espresso_and_gradcam_peaks_on_the_cup(explainer):
     assert left <= x <= right and top <= y <= bottom, (x, y)
 
 
+@pytest.mark.slow  # the oracle or many IG steps at 224 pixels
 def test_fused_gradcam_on_the_pretrained_model_matches_the_reference():
     x = images.normalize(images.read("examples/chelsea.png", size=128)[None]).double()
     net = zoo.efficientnet_lite0().double()
@@ -101,6 +102,7 @@ def test_every_cam_peaks_on_the_cats_face(cat_cams, method):
     assert left <= x <= right and top <= y <= bottom, (x, y)
 
 
+@pytest.mark.slow  # the oracle or many IG steps at 224 pixels
 def test_integrated_gradients_completeness_error_shrinks_with_more_steps_on_the_cat(model):
     # The path from the zero (mean) image to the photo is sharp for this net: measured here, the error is -6.7 at
     # 16 Gauss-Legendre points, -0.77 at 64 and 0.15 at 256, against a logit of 8.5. That is what `completeness`

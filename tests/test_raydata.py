@@ -12,6 +12,9 @@ import fastattr
 from fastattr import cli, images, raydata
 from fastattr.pipeline import Spec
 
+# Each of these starts Ray on this machine: one such module at a time, in one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
 pytest.importorskip("ray.data")
 
 EXAMPLES = Path(__file__).parents[1] / "examples"

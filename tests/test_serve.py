@@ -21,6 +21,9 @@ import fastattr  # noqa: E402
 from fastattr import images, serve as fserve, zoo  # noqa: E402
 from fastattr.pipeline import Spec, build  # noqa: E402
 
+# Each of these starts Ray on this machine: one such module at a time, in one worker.
+pytestmark = pytest.mark.xdist_group("ray")
+
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
 SIZE = 64
@@ -103,6 +106,7 @@ def array(map_: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(map_["data"]), dtype=np.uint8).reshape(map_["shape"])
 
 
+@pytest.mark.slow  # a live server, or an ONNX export
 def test_concurrent_requests_are_batched_and_each_equals_a_direct_call_on_its_image_alone(url, direct):
     cases = [  # (photo, options, multipart, the direct call's k and classes)
         ("chelsea.png", {"k": "1", "maps": "array"}, False, dict(k=1)),
@@ -137,6 +141,7 @@ def test_concurrent_requests_are_batched_and_each_equals_a_direct_call_on_its_im
     assert max(a.json()["batch_size"] for a in answers) > 1
 
 
+@pytest.mark.slow  # a live server, or an ONNX export
 def test_bad_requests_get_a_4xx_naming_the_problem_and_do_not_disturb_the_batch(url, direct):
     truncated = photo("chelsea.png")[:2000]
     big = io.BytesIO()
@@ -169,6 +174,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_do_not_disturb_the_batch(
     assert answers[11].json()["classes"] == direct("coffee.png", k=2).classes[0].tolist()
 
 
+@pytest.mark.slow  # a live server, or an ONNX export
 def test_png_maps_are_overlays_of_the_input_size(url):
     response = post(url, photo("coffee.png"), {"k": "2", "maps": "png", "methods": "gradcam"})
     assert response.status_code == 200, response.text
@@ -179,6 +185,7 @@ def test_png_maps_are_overlays_of_the_input_size(url):
             assert (overlay.format, overlay.mode, overlay.size) == ("PNG", "RGB", (SIZE, SIZE))
 
 
+@pytest.mark.slow  # a live server, or an ONNX export
 def test_get_root_reports_the_settings_and_other_paths_are_404(url):
     settings = requests.get(url, timeout=60).json()
     assert settings == {"backend": "eager", "model": "resnet18", "methods": ["gradcam", "saliency"], "layer": "layer4",
@@ -249,6 +256,7 @@ def test_the_config_file_is_a_valid_serve_config_for_this_app():
     fserve.app_options(application.args)  # every argument is known and valid
 
 
+@pytest.mark.slow  # a live server, or an ONNX export
 def test_an_onnx_backend_answers_a_mixed_batch_as_direct_calls_do(weights, tmp_path):
     # The ONNX backend's k is fixed by the file (3 here), and named classes need a with_classes export.
     model = zoo.load_model("resnet18", weights)
@@ -266,6 +274,7 @@ def test_an_onnx_backend_answers_a_mixed_batch_as_direct_calls_do(weights, tmp_p
         torch.testing.assert_close(answer.maps["gradcam"], want.maps["gradcam"][0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # a live server, or an ONNX export
 def test_an_onnx_backend_refuses_sampling_options_other_than_its_export(tmp_path):
     path = fastattr.export_onnx(zoo.load_model("resnet18"), tmp_path / "r18.onnx", layer="layer4", methods=("gradcam",),
                                 k=1, input_shape=(3, 32, 32), samples=8)

@@ -174,6 +174,7 @@ def small(name: str) -> nn.Module:
     return _random_head(SMALL[name]()).eval()
 
 
+@pytest.mark.slow  # a compile or an ONNX export
 def test_a_compiled_vit_equals_eager():
     net, x = small("deit-distilled"), images(2, size=32, dtype=torch.float32)
     options = dict(methods=("gradcam", "saliency"))
@@ -183,6 +184,7 @@ def test_a_compiled_vit_equals_eager():
 
 # Grad-CAM alone: the export first vmaps the K classes' backward, which fixes the batch size here (through the
 # last block), so it traces the K calls instead and the batch stays dynamic.
+@pytest.mark.slow  # a compile or an ONNX export
 @pytest.mark.parametrize("methods", [("gradcam", "saliency"), ("gradcam",)], ids=["with-saliency", "gradcam-alone"])
 @pytest.mark.parametrize("name", list(SMALL))
 def test_an_onnx_vit_equals_eager_for_batch_1_and_3(name, methods, tmp_path):
