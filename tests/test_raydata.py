@@ -12,8 +12,8 @@ import fastattr
 from fastattr import cli, images, raydata
 from fastattr.pipeline import Spec
 
-# Each of these starts Ray on this machine: one such module at a time, in one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+# These start Ray on this machine: one such module at a time, in one worker. Only the first test runs without Ray.
+pytestmark = pytest.mark.xdist_group("ray")
 
 pytest.importorskip("ray.data")
 
@@ -45,6 +45,20 @@ def folder_and_weights(tmp_path_factory):
     return folder, weights
 
 
+def test_a_worker_turns_a_batch_of_file_bytes_into_rows_and_an_error_for_an_unreadable_file(folder_and_weights):
+    folder, weights = folder_and_weights
+    spec = Spec(model="resnet18", weights=str(weights), layer="layer4", methods="gradcam", k=2, input_size=32)
+    files = [folder / "photo00.png", folder / "photo19.png", folder / "photo01.png"]
+    rows = raydata.ExplainBatch(spec)({"path": np.array([str(f) for f in files]),
+                                       "bytes": np.array([f.read_bytes() for f in files], dtype=object)})
+    assert rows["error"][0] == rows["error"][2] == "" and "photo19.png" in rows["error"][1]
+    assert rows["classes"][1].tolist() == [-1, -1] and not rows["map_gradcam"][1].any()
+    want = fastattr.build(spec)(images.normalize(torch.stack([images.read(files[i], 32) for i in (0, 2)])))
+    assert rows["classes"][[0, 2]].tolist() == want.classes.tolist()
+    assert np.array_equal(rows["map_gradcam"][[0, 2]], (want.maps["gradcam"].clamp(0, 1) * 255).round().byte().numpy())
+    assert rows["names"][0].tolist() == [fastattr.zoo.imagenet_classes()[c] for c in want.classes[0].tolist()]
+
+
 @pytest.fixture(scope="module")
 def parquet(folder_and_weights, tmp_path_factory):
     folder, weights = folder_and_weights
@@ -54,6 +68,7 @@ def parquet(folder_and_weights, tmp_path_factory):
     return out, failed
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_the_corrupt_file_is_reported_and_has_no_row(parquet):
     import pyarrow.parquet as pq
 
@@ -63,6 +78,7 @@ def test_the_corrupt_file_is_reported_and_has_no_row(parquet):
     assert len(paths) == 19 and not any(p.endswith("photo19.png") for p in paths)
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_each_row_equals_a_direct_call_on_that_image(parquet, folder_and_weights):
     import ray.data  # registers the tensor column type
 
@@ -82,6 +98,7 @@ def test_each_row_equals_a_direct_call_on_that_image(parquet, folder_and_weights
             assert np.abs(row[f"map_{method}"].astype(np.float64) - expected).max() <= 1
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_the_command_line_writes_parquet_and_exits_1_for_the_corrupt_file(folder_and_weights, tmp_path, capsys):
     folder, weights = folder_and_weights
     code = cli.main(["explain", str(folder), "--ray", "--model", "resnet18", "--weights", str(weights),

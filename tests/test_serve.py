@@ -233,6 +233,34 @@ def test_a_backend_passes_its_method_options_to_the_explainer(weights):
     torch.testing.assert_close(out.maps["smoothgrad"], out.maps["saliency"], rtol=0, atol=1e-6)
 
 
+def test_a_batch_of_top_k_and_named_requests_is_answered_as_direct_calls(weights):
+    pipeline = build(Spec("resnet18", str(weights), methods="gradcam, saliency", input_size=32))
+    cat = fserve.load_image(photo("chelsea.png"), 32, MAX_BYTES, MAX_PIXELS)
+    cup = fserve.load_image(photo("coffee.png"), 32, MAX_BYTES, MAX_PIXELS)
+    queries = [fserve.parse_query(params, pipeline, max_k=5)
+               for params in ({"k": "3"}, {"classes": "7,5", "methods": "gradcam"}, {})]
+    assert [(q.k, q.classes, q.methods) for q in queries] == [
+        (3, None, ("gradcam", "saliency")), (2, (7, 5), ("gradcam",)), (1, None, ("gradcam", "saliency"))]
+    answers = fserve.answer_batch(pipeline, list(zip((cat, cup, cup), queries)))
+    for image, query, answer in zip((cat, cup, cup), queries, answers):
+        target = dict(classes=torch.tensor([query.classes])) if query.classes else dict(k=query.k)
+        want = pipeline(images.normalize(image[None]), **target)
+        assert answer.classes.tolist() == want.classes[0].tolist() and answer.batch_size == 3
+        assert list(answer.maps) == list(query.methods)
+        for method in query.methods:
+            torch.testing.assert_close(answer.maps[method], want.maps[method][0], rtol=0, atol=1e-5)
+    body = fserve.to_json(answers[1], cup, fserve.Query(2, (7, 5), ("gradcam",), "array"), pipeline.names)
+    assert body["classes"] == [7, 5] and body["names"][0] == pipeline.names[7] and body["batch_size"] == 3
+    assert body["maps"]["gradcam"][0]["shape"] == [32, 32] and body["maps"]["gradcam"][0]["dtype"] == "uint8"
+
+
+def test_a_named_class_out_of_range_is_a_400_from_the_same_check_as_the_apis(weights):
+    pipeline = build(Spec("resnet18", str(weights), methods="gradcam", input_size=32))
+    with pytest.raises(fserve.RequestError, match=r"classes: index 1000 out of range .*\(valid 0..999\)") as refused:
+        fserve.parse_query({"classes": "5,1000"}, pipeline, max_k=5)
+    assert refused.value.status == 400
+
+
 def test_serve_run_string_arguments_are_converted_and_unknown_ones_refused():
     options = fserve.app_options({"model": "resnet18", "max_batch_size": "16", "batch_wait_ms": "5",
                                   "compile": "true", "methods": "saliency,gradcam", "weights": "none"})
