@@ -1,7 +1,7 @@
 """Explain image files in batches: one overlay grid PNG per image and one JSON line per image.
 
 >>> explainer = fastattr.Explainer(fastattr.zoo.efficientnet_lite0(), layer="bn2", methods=("gradcam", "saliency"))
->>> report = fastattr.files.explain_files(["examples"], lambda x: explainer(x, k=3), "out")  # doctest: +SKIP
+>>> report = fastattr.files.explain_files(["examples"], fastattr.build(fastattr.Spec(k=3)), "out")  # doctest: +SKIP
 >>> report.written, report.failed        # PNG paths; (file, reason) for files that are not images
 """
 
@@ -49,12 +49,13 @@ def _unique_png(out_dir: Path, path: Path, taken: set[str]) -> Path:
     return out_dir / f"{name}.png"
 
 
-def explain_files(paths: Iterable[str | Path], explain_batch: Callable[[Tensor], Explanation], out_dir: str | Path, *,
+def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Explanation], out_dir: str | Path, *,
                   size: int = 224, batch_size: int = 8, class_names: Sequence[str] | None = None,
                   device: str | torch.device = "cpu", mean: Sequence[float] = _images.IMAGENET_MEAN,
                   std: Sequence[float] = _images.IMAGENET_STD, progress: bool = True) -> Report:
-    """Read the images under `paths`, explain them `batch_size` at a time with `explain_batch` (normalised
-    images `[B, 3, size, size]` on `device` -> Explanation with normalised maps), and write `out_dir/NAME.png`
+    """Read the images under `paths`, explain them `batch_size` at a time with `explain` (a `Pipeline`, or any
+    callable from normalised images `[B, 3, size, size]` on `device` to an Explanation with normalised maps),
+    and write `out_dir/NAME.png`
     (the photo, then each explained class's overlays) and `out_dir/results.jsonl`. Files that are not
     readable images are skipped and listed in `Report.failed`; the others are still explained. Files in folders
     without an image suffix are not read (`Report.passed_over`)."""
@@ -76,7 +77,7 @@ def explain_files(paths: Iterable[str | Path], explain_batch: Callable[[Tensor],
                     bar.write(f"skipped {exc}")
             if batch:
                 display = torch.stack([image for _, image in batch]).to(device)
-                out = explain_batch(_images.normalize(display, mean, std)).cpu()
+                out = explain(_images.normalize(display, mean, std)).cpu()
                 display = display.cpu()
                 for i, (path, _) in enumerate(batch):
                     png = _unique_png(out_dir, path, taken)
