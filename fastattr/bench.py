@@ -144,7 +144,6 @@ def settings_of(args: argparse.Namespace) -> Settings:
         raise _Usage(f"--iters: must be >= 1, got {args.iters}")
     if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
         raise _Usage(f"--seconds: must be a positive number, got {args.seconds}")
-    pipeline.check_device(spec_from_args(args, backend=None), "--")
     iters = DEFAULTS["iters"] if args.iters is None and args.seconds is None else args.iters
     return Settings(sizes, torch.device(args.device), args.warmup, iters, args.seconds)
 

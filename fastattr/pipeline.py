@@ -200,6 +200,11 @@ def load_model(spec: Spec, option_prefix: str = "") -> nn.Module:
         raise InputError(f"{option_prefix}model {spec.model}: an export holds a graph, not a model to load; pass a "
                          "model name (and --weights)")
     check(spec, option_prefix)
+    return _load(spec)
+
+
+def _load(spec: Spec) -> nn.Module:
+    # Unchecked: for callers that have run `check` on this spec already.
     return zoo.load_model(spec.model, spec.weights).to(spec.device)
 
 
@@ -234,7 +239,16 @@ def export(spec: Spec, path: str | Path, fmt: str = "onnx", option_prefix: str =
 
     >>> export(Spec("resnet18", methods="gradcam", k=5), "resnet18.onnx")   # doctest: +SKIP
     """
-    model = load_model(replace(spec, device="cpu") if fmt == "onnx" else spec, option_prefix)
+    if spec.export_file is not None:
+        raise InputError(f"{option_prefix}model {spec.model}: an export holds a graph, not a model to export; pass a "
+                         "model name (and --weights)")
+    check(spec, option_prefix)
+    return _export(spec, path, fmt)
+
+
+def _export(spec: Spec, path: str | Path, fmt: str) -> Path:
+    # Unchecked, as `_load`.
+    model = _load(replace(spec, device="cpu") if fmt == "onnx" else spec)
     size = spec.input_size or DEFAULTS["input_size"]
     options = dict(layer=spec.layer, methods=spec.methods or DEFAULTS["methods"],
                    k=DEFAULTS["k"] if spec.k is None else spec.k, input_shape=(3, size, size),
@@ -256,7 +270,7 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
         return _from_export_file(spec, option_prefix)
     backend = spec.backend or DEFAULTS["backend"]
     if backend in ("eager", "compiled"):
-        model = load_model(spec, option_prefix)
+        model = _load(spec)
         size = spec.input_size or DEFAULTS["input_size"]
         explainer = Explainer(model, layer=spec.layer, methods=spec.methods or DEFAULTS["methods"],
                               compile=backend == "compiled", **spec.sampling)
@@ -267,7 +281,7 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
     # An export made now, to a file that lives only until it is loaded: onnxruntime and torch.export hold it all.
     with tempfile.TemporaryDirectory(prefix="fastattr-build-") as folder:
         start = time.perf_counter()
-        path = export(spec, Path(folder) / f"model.{backend}", backend, option_prefix)
+        path = _export(spec, Path(folder) / f"model.{backend}", backend)
         export_s = time.perf_counter() - start
         pipeline = _from_export_file(replace(spec, model=str(path), weights=None, layer=None, methods=None, k=None,
                                              input_size=None, backend=None, with_classes=False, samples=None,
@@ -284,8 +298,7 @@ def _from_export_file(spec: Spec, prefix: str) -> Pipeline:
         import onnxruntime as ort
 
         info = {"onnxruntime": ort.__version__, "providers": explainer.session.get_providers()}
-    else:
-        check_device(spec, prefix)
+    else:  # build has checked the device
         explainer, info = load_program(path), {}
     meta = explainer.meta
     _check_agrees(spec, meta, path, prefix)
