@@ -7,8 +7,21 @@ size are options. On a laptop a local Ray instance is started for the run; `addr
 
 Files are read as bytes (`ray.data.read_binary_files`) and decoded by fastattr rather than by
 `ray.data.read_images`, which fails the whole run on one corrupt file: here an unreadable file is
-reported, and skipped, and the rest is explained. Each Parquet row holds `path`, `classes`, `names`,
-`probabilities` and per method a `[K, H, W]` uint8 map (`round(map * 255)`, a quarter of float32's size).
+reported, and skipped, and the rest is explained.
+
+The Parquet holds one row per image, in plain Arrow types (`to_arrow`), so that pyarrow, pandas,
+DuckDB or Spark read it without Ray:
+
+    path            string          the file the row explains
+    classes         list<int64>     the K classes explained, best first
+    names           list<string>    their names ("" for a model without class names)
+    probabilities   list<float>     the softmax of the logits at those classes
+    shape           list<int32>     [K, H, W]: the shape of each map column's value
+    map_<method>    list<uint8>     that method's K maps, round(map * 255), row-major (a quarter of float32's size)
+
+>>> frame = pyarrow.parquet.read_table("out/explained").to_pandas()                        # doctest: +SKIP
+>>> row = frame.iloc[0]                                                                     # doctest: +SKIP
+>>> gradcam = np.asarray(row.map_gradcam).reshape(row.shape) / 255                         # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +39,10 @@ from .pipeline import Spec, build, check
 from .options import spec_from_args
 from .errors import InputError
 
-__all__ = ["ExplainBatch", "explain_to_parquet"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["ExplainBatch", "ExplainBatchToArrow", "explain_to_parquet", "to_arrow"]
 
 
 class ExplainBatch:
@@ -60,6 +77,39 @@ class ExplainBatch:
         names = np.array([[self.names[c] if 0 <= c < len(self.names) else "" for c in row] for row in classes])
         return {"path": np.asarray(batch["path"]), "error": np.array(errors), "classes": classes, "names": names,
                 "probabilities": probabilities, **{f"map_{m}": v for m, v in maps.items()}}
+
+
+def to_arrow(rows: dict[str, np.ndarray]) -> pa.Table:
+    """`ExplainBatch` rows as an Arrow table of plain types, the Parquet schema (the module's docstring): each
+    `[N, K, ...]` array a list column, the maps flattened row-major beside their shape, the names as strings.
+    Ray's own conversion would write the maps in its tensor extension type and the names as fixed-width UTF-32
+    bytes, which pyarrow and pandas cannot read back without Ray."""
+    import pyarrow as pa
+
+    maps = {column: values for column, values in rows.items() if column.startswith("map_")}
+    n, k, height, width = next(iter(maps.values())).shape
+
+    def lists(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+        flat = np.ascontiguousarray(values).reshape(-1)
+        offsets = np.arange(n + 1, dtype=np.int32) * (flat.size // n if n else 0)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=type_))
+
+    columns = {"path": pa.array(rows["path"].tolist(), pa.string()),
+               "error": pa.array(rows["error"].tolist(), pa.string()),
+               "classes": lists(rows["classes"], pa.int64()),
+               "names": pa.array(rows["names"].tolist(), pa.list_(pa.string())),
+               "probabilities": lists(rows["probabilities"], pa.float32()),
+               "shape": lists(np.tile(np.array([k, height, width], dtype=np.int32), (n, 1)), pa.int32()),
+               **{column: lists(values, pa.uint8()) for column, values in maps.items()}}
+    return pa.table(columns)
+
+
+class ExplainBatchToArrow(ExplainBatch):
+    """`ExplainBatch` with its rows as `to_arrow`'s table: what the Ray Data job runs, so that the Parquet it
+    writes has that table's plain types."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return to_arrow(super().__call__(batch))
 
 
 def explain_to_parquet(paths: str | Sequence[str], out: str | Path, spec: Spec | None = None, *, workers: int = 1,
@@ -97,7 +147,7 @@ def explain_to_parquet(paths: str | Sequence[str], out: str | Path, spec: Spec |
     try:
         files = ray.data.read_binary_files(paths, include_paths=True)
         explained = files.map_batches(
-            ExplainBatch, batch_size=batch_size, concurrency=workers, batch_format="numpy",
+            ExplainBatchToArrow, batch_size=batch_size, concurrency=workers, batch_format="numpy",
             num_gpus=1 if spec.device == "cuda" else 0,
             fn_constructor_kwargs=dict(spec=spec)).materialize()
         from ray.data.expressions import col
