@@ -93,28 +93,35 @@ def parse_query(params: Mapping[str, str], pipeline: Pipeline, max_k: int) -> Qu
 
 def load_image(data: bytes, size: int, max_bytes: int, max_pixels: int) -> Tensor:
     """An uploaded image file as `[3, size, size]` in [0, 1] (`fastattr.images.decode`); RequestError(400) for data
-    that is not a readable image, RequestError(413) for one over `max_bytes` or `max_pixels`."""
-    from PIL import Image
-
+    that is not a readable image (whatever its decoder raised, with its reason), RequestError(413) for one over
+    `max_bytes` or `max_pixels`. The work is bounded by the input size and `max_pixels`, whatever the aspect ratio."""
     if not data:
         raise RequestError(400, "image: the request has no image; send the file as the body or as the multipart "
                                 "file field 'image'")
     if len(data) > max_bytes:
         raise RequestError(413, _too_many_bytes(len(data), max_bytes))
-    try:  # the header gives the size without decoding the pixels
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except Image.DecompressionBombError:
-        width = height = max_pixels + 1
-    except Exception:  # noqa: BLE001 - decode below says what is wrong with it
-        width = height = 0
-    if width * height > max_pixels:
-        raise RequestError(413, f"image: {width}x{height} is {width * height} pixels, over this server's limit of "
-                                f"{max_pixels} (max_pixels); resize it first")
+    _check_pixels(data, max_pixels)
     try:
         return _images.decode(data, size)
     except InputError as exc:
         raise RequestError(400, str(exc)) from None
+
+
+def _check_pixels(data: bytes, max_pixels: int) -> None:
+    """RequestError(413) for an image whose header declares over `max_pixels`, read without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError as exc:  # over Pillow's own limit: its message gives the size
+        raise RequestError(413, f"image: {str(exc).rstrip('.')}; this server takes at most {max_pixels} pixels "
+                                "(max_pixels); resize it first") from None
+    except Exception:  # noqa: BLE001 - the decoder, run next, says what is wrong with it
+        return
+    if width * height > max_pixels:
+        raise RequestError(413, f"image: {width}x{height} is {width * height} pixels, over this server's limit of "
+                                f"{max_pixels} (max_pixels); resize it first")
 
 
 def _too_many_bytes(n: int, max_bytes: int) -> str:
