@@ -4,14 +4,25 @@
 torch.export program (`.pt2`, loaded by `torch.export.load`) or, with `aoti=True`, as an AOTInductor
 package (compiled C++, loaded by `torch._inductor.aoti_load_package`). `load_program` loads either and
 returns the same `Explanation` as the torch path.
+
+Loading either kind can run code the file holds (docs/export.md, "Trusted files"), so `load_program` first
+reads the file's metadata as a zip archive, which runs nothing, and loads it only when told `trusted=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
-from collections.abc import Sequence
+import shutil
+import tempfile
+import threading
+import weakref
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +33,14 @@ from .explain import Explainer, Explanation, draw_noise
 
 FORMAT = "fastattr-program/1"
 _EXTRA = "fastattr.json"
+# Where a .pt2 archive keeps what fastattr reads, below the one top folder torch writes every entry under.
+_PROGRAM_META = f"extra/{_EXTRA}"
+_AOTI_FOLDER = "data/aotinductor/"
+_AOTI_MODEL = f"{_AOTI_FOLDER}model/"   # the model `aoti_load_package` loads
+_META_MAX_BYTES = 1 << 20   # fastattr's metadata is far smaller: a larger entry is not fastattr's
+_TRUST_HOW = "pass trusted=True if you made the file or trust whoever did (--trusted on the command line)"
+# TMPDIR belongs to the whole process: one AOTInductor load at a time points it at a folder of its own.
+_TMPDIR_LOCK = threading.Lock()
 
 
 def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: Sequence[int],
@@ -258,29 +277,149 @@ class Program:
             return _explanation(self.meta, list(self._run(*args)))
 
 
-def load_program(path: str | Path) -> Program:
-    """Load what `export_program` saved (a torch.export program or an AOTInductor package)."""
+class _Archive(NamedTuple):
+    """What a .pt2 archive says of itself, read as a zip archive: nothing in it is loaded or run."""
+
+    aoti: bool           # it holds an AOTInductor model, a shared library that any torch loader of it loads
+    meta: dict           # fastattr's metadata, checked
+    device: str | None   # the AOTInductor model's device
+    has_library: bool    # the AOTInductor model is compiled (without, torch's loader compiles its C++ source)
+
+
+def load_program(path: str | Path, *, trusted: bool = False) -> Program:
+    """Load what `export_program` saved (a torch.export program or an AOTInductor package).
+
+    Loading a .pt2 runs code the file holds: an AOTInductor package's shared library runs as it is loaded, and
+    `torch.export.load` unpickles parts of a program and evaluates its shape expressions. So a file is loaded
+    only with `trusted=True`: pass it for files you made or whose maker you trust. Without it the metadata is
+    still read and checked (as a zip archive, which runs nothing), so that a file that is not a fastattr
+    program is told so, and an `InputError` says why the file is not loaded.
+    """
     path = Path(path)
+    if not isinstance(trusted, bool):
+        raise InputError(f"trusted: expected True or False, got {trusted!r}")
     if not path.is_file():
         raise InputError(f"path: no file {str(path)!r}")
-    extra = {_EXTRA: ""}
-    try:
-        program = torch.export.load(path, extra_files=extra)
-    except Exception:  # noqa: BLE001 - not a torch.export program: try an AOTInductor package
-        program = None
-    if program is not None and extra[_EXTRA]:
-        return Program(program.module(), _checked(json.loads(extra[_EXTRA]), path), path)
-    try:
-        from torch._inductor import aoti_load_package
+    archive = _read_archive(path)
+    if not trusted:
+        raise InputError(_untrusted(path, archive.aoti))
+    if archive.aoti:
+        return Program(_load_aoti(path, archive), archive.meta, path)
+    return Program(_load_exported(path).module(), archive.meta, path)
 
-        package = aoti_load_package(str(path))
-        meta = package.get_metadata().get("fastattr")
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"path: {str(path)!r} is not a fastattr program ({type(exc).__name__}); "
+
+def _untrusted(path: Path, aoti: bool) -> str:
+    what = ("an AOTInductor package: it holds native code (a shared library) that runs as it is loaded" if aoti else
+            "a torch.export program: torch.export.load unpickles parts of it and evaluates its shape expressions, "
+            "and either can run any code")
+    return f"path: {str(path)!r} is {what}; {_TRUST_HOW}"
+
+
+def _read_archive(path: Path) -> _Archive:
+    """The kind, metadata and library of the .pt2 at `path`, read with zipfile only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # torch writes every entry under one top folder, named after the file, and reads them below it.
+            entries = {info.filename.partition("/")[2]: info for info in archive.infolist() if not info.is_dir()}
+            aoti = any(name.startswith(_AOTI_FOLDER) for name in entries)
+            outer = _aoti_metadata(archive, entries) if aoti else {}
+            text = outer.get("fastattr") if aoti else (
+                _read_text(archive, entries[_PROGRAM_META]) if _PROGRAM_META in entries else None)
+            meta = json.loads(text) if isinstance(text, str) else None
+    except Exception as exc:  # noqa: BLE001 - a zip, JSON or UTF-8 error: whatever it is, not fastattr's program
+        raise InputError(f"path: {str(path)!r} is not a fastattr program ({type(exc).__name__}: {_first_line(exc)}); "
                          "write one with fastattr.export_program") from None
-    if not meta:
-        raise InputError(f"path: {str(path)!r} is an AOTInductor package but not a fastattr program")
-    return Program(package, _checked(json.loads(meta), path), path)
+    if not isinstance(meta, dict):
+        kind = ("an AOTInductor package" if aoti else
+                "a torch.export program" if "models/model.json" in entries else "a zip archive")
+        raise InputError(f"path: {str(path)!r} is {kind} but not a fastattr program; write one with "
+                         "fastattr.export_program")
+    library = any(name.startswith(_AOTI_MODEL) and name.endswith(".so") for name in entries)
+    return _Archive(aoti, _checked(meta, path), outer.get("AOTI_DEVICE_KEY"), library)
+
+
+def _aoti_metadata(archive: zipfile.ZipFile, entries: dict[str, zipfile.ZipInfo]) -> dict:
+    """The metadata torch's loader reads for the package's model (the wrapper's), or {} when it has none."""
+    names = sorted((name for name in entries if name.startswith(_AOTI_MODEL) and name.endswith("_metadata.json")),
+                   key=lambda name: not name.endswith("wrapper_metadata.json"))
+    for name in names:
+        outer = json.loads(_read_text(archive, entries[name]))
+        if isinstance(outer, dict) and "fastattr" in outer:
+            return outer
+    return {}
+
+
+def _read_text(archive: zipfile.ZipFile, entry: zipfile.ZipInfo) -> str:
+    # Read up to the limit whatever size the entry claims: a crafted archive can claim any.
+    with archive.open(entry) as file:
+        data = file.read(_META_MAX_BYTES + 1)
+    if len(data) > _META_MAX_BYTES:
+        raise ValueError(f"{entry.filename} is larger than fastattr's metadata")
+    return data.decode("utf-8")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def _load_exported(path: Path) -> Any:
+    try:
+        return torch.export.load(path)
+    except Exception as exc:  # noqa: BLE001 - torch's own error, reported with the file
+        raise InputError(f"path: {str(path)!r}: torch.export.load could not load it ({type(exc).__name__}: "
+                         f"{_first_line(exc)}); export it again with this torch ({torch.__version__})") from None
+
+
+def _load_aoti(path: Path, archive: _Archive) -> Any:
+    """The package, loaded by torch's AOTInductor loader in a temporary folder of fastattr's own.
+
+    The loader extracts the package into a new folder under TMPDIR, and removes it when the loaded package is
+    released but not when loading fails. So it runs with TMPDIR pointing at a folder made here, which is
+    removed when the load fails or the package is released.
+    """
+    if not archive.has_library:
+        raise InputError(f"path: {str(path)!r} holds no compiled library, which fastattr's packages do (torch's "
+                         "loader would compile the package's C++ with commands the package gives); export it "
+                         "again with aoti=True")
+    if archive.device not in ("cpu", "cuda") or (archive.device == "cuda" and not torch.cuda.is_available()):
+        raise InputError(f"path: {str(path)!r} was compiled for device {archive.device!r}, which this torch cannot "
+                         "run; export it again on this machine's device")
+    from torch._inductor import aoti_load_package
+
+    # mkdtemp fixes Python's own temporary folder first, so that TMPDIR changed below does not move it.
+    folder = tempfile.mkdtemp(prefix="fastattr-aoti-")
+    try:
+        package = _with_tmpdir(folder, lambda: aoti_load_package(str(path)))
+    except Exception as exc:  # noqa: BLE001 - the loader's own error, reported with the file
+        raise InputError(f"path: {str(path)!r}: the AOTInductor package did not load ({type(exc).__name__}: "
+                         f"{_first_line(exc)}); export it again with this torch ({torch.__version__})") from None
+    weakref.finalize(package, shutil.rmtree, folder, True)
+    return package
+
+
+def _with_tmpdir(folder: str, load: Callable[[], Any]) -> Any:
+    """`load()` with TMPDIR set to `folder`, which is removed if it fails."""
+    try:
+        with _tmpdir(folder):
+            return load()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _tmpdir(folder: str) -> Iterator[None]:
+    with _TMPDIR_LOCK:
+        before = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = folder
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = before
 
 
 class OnnxExplainer:

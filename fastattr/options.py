@@ -59,6 +59,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, backends: Sequence[st
                              f"{SAMPLING['noise']}, or an export's)")
     add("--steps", type=int,
                         help=f"ig: Gauss-Legendre points on the path (default {SAMPLING['steps']}, or an export's)")
+    add("--trusted", action="store_true",
+                        help="load a .pt2 --model file, which runs code as it is loaded (an AOTInductor package's "
+                             "native library, a torch.export program's pickles): only for files you made or trust")
 
 
 def _adder(parser: argparse.ArgumentParser, exclude: Sequence[str]):

@@ -29,7 +29,7 @@ from .errors import InputError
 from .explain import SAMPLING, Explainer, Explanation
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
 
-__all__ = ["Spec", "Pipeline", "build", "load_model", "check", "check_device", "export", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
+__all__ = ["Spec", "Pipeline", "build", "load_model", "check", "check_device", "check_trusted", "export", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
            "EXPORT_SUFFIXES"]
 
 BACKENDS = ("eager", "compiled", "onnx", "pt2")
@@ -78,6 +78,7 @@ class Spec:
                 a named model is exported to a temporary file for the last two; an export file sets its own
     with_classes: an export made on the fly also takes class indices as an input
     samples, noise, steps: SmoothGrad's and Integrated Gradients' options (see `Explainer`)
+    trusted:    the model file may run code: a .pt2 file is loaded only with it (`fastattr.load_program`)
     """
 
     model: str = DEFAULTS["model"]
@@ -92,6 +93,7 @@ class Spec:
     samples: int | None = None
     noise: float | None = None
     steps: int | None = None
+    trusted: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "model", str(self.model))
@@ -100,6 +102,8 @@ class Spec:
         for name in ("k", "input_size", "samples", "steps"):
             _at_least(name, getattr(self, name), 1, int)
         _at_least("noise", self.noise, 0, float)
+        if not isinstance(self.trusted, bool):  # a string "false" would be true
+            raise InputError(f"trusted: expected True or False, got {self.trusted!r}")
         if self.device not in ("cpu", "cuda"):
             raise InputError(f"device: expected 'cpu' or 'cuda', got {self.device!r}")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -223,6 +227,7 @@ def check(spec: Spec, option_prefix: str = "") -> None:
                              f"{option_prefix}weights")
         if not path.is_file():
             raise InputError(f"{option_prefix}model {spec.model}: no such file")
+        check_trusted(spec, option_prefix)
     elif path.is_file():
         raise InputError(f"{option_prefix}model {spec.model!r}: a file must be a fastattr export ending in .onnx or "
                          ".pt2 (or pass a model name)")
@@ -230,6 +235,21 @@ def check(spec: Spec, option_prefix: str = "") -> None:
         zoo.check_name(spec.model)
     if spec.backend == "onnx" or (spec.export_file is not None and spec.export_file.suffix.lower() == ".onnx"):
         _onnx_providers(spec.device, option_prefix)
+
+
+def check_trusted(spec: Spec, option_prefix: str = "") -> None:
+    """Raise unless the spec's model is a file that runs no code as it is loaded, or one it says is trusted.
+
+    A .pt2 file runs code as it is loaded: an AOTInductor package's shared library, or the pickles and shape
+    expressions `torch.export.load` reads. The suffix decides, so this opens nothing.
+    """
+    file = spec.export_file
+    if file is None or EXPORT_SUFFIXES[file.suffix.lower()] != "pt2" or spec.trusted:
+        return
+    flag = f"{option_prefix}trusted" if option_prefix else "trusted=True"
+    raise InputError(f"{option_prefix}model {spec.model}: a .pt2 file can run code as it is loaded (an AOTInductor "
+                     "package's native library, a torch.export program's pickles); pass "
+                     f"{flag} if you made the file or trust whoever did")
 
 
 def export(spec: Spec, path: str | Path, fmt: str = "onnx", option_prefix: str = "") -> Path:
@@ -279,13 +299,14 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
                         DEFAULTS["k"] if spec.k is None else spec.k, None, num_classes, size, True,
                         class_names(num_classes), {}, explainer)
     # An export made now, to a file that lives only until it is loaded: onnxruntime and torch.export hold it all.
+    # fastattr wrote it, in a folder of its own, so it is trusted.
     with tempfile.TemporaryDirectory(prefix="fastattr-build-") as folder:
         start = time.perf_counter()
         path = _export(spec, Path(folder) / f"model.{backend}", backend)
         export_s = time.perf_counter() - start
         pipeline = _from_export_file(replace(spec, model=str(path), weights=None, layer=None, methods=None, k=None,
                                              input_size=None, backend=None, with_classes=False, samples=None,
-                                             noise=None, steps=None), option_prefix)
+                                             noise=None, steps=None, trusted=True), option_prefix)
     pipeline.spec, pipeline.description, pipeline.info["export_s"] = spec, spec.model, export_s
     return pipeline
 
@@ -299,7 +320,7 @@ def _from_export_file(spec: Spec, prefix: str) -> Pipeline:
 
         info = {"onnxruntime": ort.__version__, "providers": explainer.session.get_providers()}
     else:  # build has checked the device
-        explainer, info = load_program(path), {}
+        explainer, info = load_program(path, trusted=spec.trusted), {}
     meta = explainer.meta
     _check_agrees(spec, meta, path, prefix)
     methods = spec.methods or tuple(meta["methods"])

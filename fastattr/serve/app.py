@@ -4,7 +4,7 @@
     serve deploy serve_config.yaml
 
 The arguments are a `Spec`'s (model, weights, layer, methods, onnx, compile, device, backend, input_size,
-samples, noise, steps) and the server's own (`SERVER_OPTIONS`); `DEFAULTS` has them all.
+samples, noise, steps, trusted) and the server's own (`SERVER_OPTIONS`); `DEFAULTS` has them all.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import zoo
-from ..pipeline import build, parse_methods
+from ..pipeline import Pipeline, build, check_trusted, parse_methods
 from ..errors import FastattrError, InputError
 from ..options import spec_from_args
 from .batching import Answer, Query, answer_batch
@@ -76,17 +76,17 @@ SERVER_OPTIONS: dict[str, Option] = {
 SPEC_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "model": str, "weights": _optional(str), "layer": _optional(str), "methods": _optional(parse_methods),
     "onnx": _optional(str), "compile": _bool, "device": str, "backend": _optional(str), "input_size": _optional(int),
-    "samples": _optional(int), "noise": _optional(float), "steps": _optional(int),
+    "samples": _optional(int), "noise": _optional(float), "steps": _optional(int), "trusted": _bool,
 }
 DEFAULTS: dict[str, Any] = {**{name: None for name in SPEC_OPTIONS}, "model": zoo.PRETRAINED, "compile": False,
-                            "device": "cpu", **{name: o.default for name, o in SERVER_OPTIONS.items()}}
+                            "device": "cpu", "trusted": False, **{name: o.default for name, o in SERVER_OPTIONS.items()}}
 
 
 class ExplainService:
     """The Ray Serve deployment (named "fastattr"): builds the pipeline once, then answers `POST /explain`.
 
     Args: a spec's (model, weights, layer, methods, onnx, compile, device, backend, input_size, samples, noise,
-    steps; see `fastattr.build.Spec`), then max_k, max_batch_size and batch_wait_ms (the dynamic batching: a
+    steps, trusted; see `fastattr.build.Spec`), then max_k, max_batch_size and batch_wait_ms (the dynamic batching: a
     batch runs when it is full or when its first request has waited this long), max_bytes and max_pixels
     (larger images are answered 413).
 
@@ -110,7 +110,7 @@ class ExplainService:
         # @serve.batch applied per instance, so that the batch size and wait are start-up options.
         self.explain_batch = serve.batch(max_batch_size=max_batch_size,
                                          batch_wait_timeout_s=batch_wait_ms / 1000)(self._explain_batch)
-        self.settings = {"backend": p.backend, "model": p.description, "methods": list(p.methods), "layer": p.layer,
+        self.settings = {"backend": p.backend, "model": _shown_model(p), "methods": list(p.methods), "layer": p.layer,
                          "max_k": self.max_k,
                          "num_classes": p.num_classes, "input_size": p.input_size, "named_classes": p.takes_classes,
                          "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "max_bytes": max_bytes,
@@ -143,6 +143,13 @@ class ExplainService:
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
 
+def _shown_model(pipeline: Pipeline) -> str:
+    """The model as `GET /` shows it: a model name, or an export file's base name, which keeps where the server
+    keeps its files from its clients."""
+    file = pipeline.spec.export_file
+    return pipeline.description if file is None else file.name
+
+
 def app_options(args: Mapping[str, Any]) -> dict[str, Any]:
     """`DEFAULTS` updated with `args` (strings from `serve run`, or YAML values), converted and checked;
     raises ValueError naming the bad argument, or the spec's own error."""
@@ -159,6 +166,7 @@ def app_options(args: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"app: {name}={value!r}: must be at least {option.at_least}")
     try:
         spec = spec_from_args(options)  # the spec checks its own options, before any replica starts
+        check_trusted(spec)
     except FastattrError as exc:
         raise ValueError(f"app: {exc}") from None
     if spec.export_file is None:
