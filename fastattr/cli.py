@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import zoo
 from .pipeline import DEFAULTS, Spec, build, export as export_spec, load_model
-from .errors import FastattrError
+from .errors import FastattrError, InputError
 from .layers import default_layer, layers
 from .options import add_spec_arguments, spec_from_args, usage_error
 
@@ -39,32 +39,43 @@ def export(args: argparse.Namespace) -> int:
 def explain(args: argparse.Namespace) -> int:
     from . import files
 
+    # Every check of the options, the inputs and the output before the model loads, and before anything is written.
+    _check_at_least_one(("--batch-size", args.batch_size), ("--workers", args.workers))
+    found, passed_over = files.find_images(args.paths, args.output)
+    files.check_output(args.output, "-o")
     if args.ray:
-        return _explain_on_ray(args)
+        return _explain_on_ray(args, found)
     pipeline = build(spec_from_args(args), "--")
-    report = files.explain_files(args.paths, pipeline, args.output, size=pipeline.input_size,
+    report = files.explain_files(found, pipeline, args.output, size=pipeline.input_size,
                                  batch_size=args.batch_size, class_names=pipeline.names, progress=not args.no_progress)
     print(f"wrote {len(report.written)} images and {report.results} to {args.output}")
-    if report.passed_over:
-        print(f"passed over {len(report.passed_over)} files without an image suffix in the folders given: "
-              f"{', '.join(map(str, report.passed_over[:5]))}{' ...' if len(report.passed_over) > 5 else ''}")
+    if passed_over:
+        print(f"passed over {len(passed_over)} files without an image suffix in the folders given: "
+              f"{', '.join(map(str, passed_over[:5]))}{' ...' if len(passed_over) > 5 else ''}")
     return _report_failed([reason for _, reason in report.failed])
 
 
-def _explain_on_ray(args: argparse.Namespace) -> int:
+def _check_at_least_one(*options: tuple[str, int]) -> None:
+    for flag, value in options:
+        if value < 1:
+            raise InputError(f"{flag}: expected an int >= 1, got {value}")
+
+
+def _explain_on_ray(args: argparse.Namespace, found: list[Path]) -> int:
     from . import raydata
 
     out = args.output / "parquet"
-    failed = raydata.explain_to_parquet([str(p) for p in args.paths], out, spec_from_args(args), workers=args.workers,
+    failed = raydata.explain_to_parquet([str(p) for p in found], out, spec_from_args(args), workers=args.workers,
                                         batch_size=args.batch_size, address=args.address)
     print(f"wrote Parquet to {out}")
     return _report_failed(failed)
 
 
 def _report_failed(failed: list[str]) -> int:
+    """1 after listing the files skipped (not readable images, or their PNG not writable), 0 when there are none."""
     if not failed:
         return 0
-    print(f"skipped {len(failed)} files that are not readable images:", file=sys.stderr)
+    print(f"skipped {len(failed)} files:", file=sys.stderr)
     for reason in failed:
         print(f"  {reason}", file=sys.stderr)
     return 1

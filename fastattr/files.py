@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import images as _images, overlay
 from .errors import InputError
 from .explain import Explanation
 
-__all__ = ["Report", "explain_files", "map_statistics"]
+__all__ = ["Report", "explain_files", "find_images", "check_output", "map_statistics"]
 
 
 @dataclass
@@ -49,6 +50,52 @@ def _unique_png(out_dir: Path, path: Path, taken: set[str]) -> Path:
     return out_dir / f"{name}.png"
 
 
+def _printable(name: str) -> str:
+    # A file name may hold a newline or another control character, which a caption cannot draw: show it escaped.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
+def find_images(paths: Iterable[str | Path], out_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """(image files, files passed over) under `paths` (`fastattr.images.find`), the output folder `out_dir` left
+    out, so that a run's PNGs are not read as photos by the next. Raises InputError when there is no image file,
+    or when `out_dir` is one of the folders given."""
+    paths = [Path(p) for p in paths]
+    out = Path(out_dir).resolve()
+    for path in paths:
+        if path.is_dir() and path.resolve() == out:
+            raise InputError(f"{str(path)!r} is both an input folder and the output folder: the PNGs written would "
+                             "mix with the photos (and replace those of the same name); write them to another folder")
+    found, passed_over = _images.find(paths, exclude=[out])
+    if not found:
+        passed = f", and {len(passed_over)} files without an image suffix were passed over" if passed_over else ""
+        raise InputError(f"no image files in {', '.join(repr(str(p)) for p in paths)}{passed}; give image files, or "
+                         "folders that hold them")
+    return found, passed_over
+
+
+def check_output(out_dir: str | Path, option: str = "out_dir") -> Path:
+    """`out_dir` as a Path, once it is known to be a folder this process can write in, or one it can create;
+    InputError naming `option` otherwise. Creates nothing."""
+    out_dir = Path(out_dir)
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    where = "it" if existing == out_dir else repr(str(existing))
+    if not existing.is_dir():
+        raise InputError(f"{option} {str(out_dir)!r}: {where} is a file, not a folder; name a folder for the PNGs "
+                         "and results.jsonl (it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {str(out_dir)!r}: cannot write in {where} (permission denied); name a folder "
+                         "you can write in")
+    return out_dir
+
+
+def _make_output(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only file system, say, which the permission bits do not show
+        raise InputError(f"out_dir {str(out_dir)!r}: cannot create it ({exc.strerror or exc}); name a folder you "
+                         "can write in") from None
+
+
 def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Explanation], out_dir: str | Path, *,
                   size: int = 224, batch_size: int = 8, class_names: Sequence[str] | None = None,
                   device: str | torch.device = "cpu", mean: Sequence[float] = _images.IMAGENET_MEAN,
@@ -57,14 +104,18 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
     callable from normalised images `[B, 3, size, size]` on `device` to an Explanation with normalised maps),
     and write `out_dir/NAME.png`
     (the photo, then each explained class's overlays) and `out_dir/results.jsonl`. Files that are not
-    readable images are skipped and listed in `Report.failed`; the others are still explained. Files in folders
-    without an image suffix are not read (`Report.passed_over`)."""
+    readable images, and those whose PNG cannot be written, are skipped and listed in `Report.failed`; the others
+    are still explained. Files in folders without an image suffix are not read (`Report.passed_over`), nor is
+    `out_dir` when it is inside a folder given. Raises InputError, before any work, for a `batch_size` below 1,
+    an `out_dir` that cannot be written, or `paths` that hold no image file."""
     from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(results=out_dir / "results.jsonl")
-    files, report.passed_over = _images.find(paths)
+    if batch_size < 1:
+        raise InputError(f"batch_size: expected an int >= 1, got {batch_size}")
+    out_dir = check_output(out_dir)
+    files, passed_over = find_images(paths, out_dir)
+    _make_output(out_dir)
+    report = Report(passed_over=passed_over, results=out_dir / "results.jsonl")
     taken: set[str] = set()
     with report.results.open("w") as results, tqdm(total=len(files), unit="image", disable=not progress) as bar:
         for start in range(0, len(files), batch_size):
@@ -84,7 +135,13 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                     line = _describe(path, png, out, i, class_names)
                     captions = [f"{name}  p={p:.2f}" for name, p in zip(line["names"], line["probabilities"])]
                     maps = {method: m[i].clamp(0, 1) for method, m in out.maps.items()}
-                    overlay.grid(display[i], maps, captions, title=path.name).save(png)
+                    try:
+                        overlay.grid(display[i], maps, captions, title=_printable(path.name)).save(png)
+                    except OSError as exc:  # this PNG only: a folder in its place, say; the others are written
+                        reason = f"{str(path)!r}: cannot write its PNG {str(png)!r} ({exc.strerror or exc})"
+                        report.failed.append((path, reason))
+                        bar.write(f"skipped {reason}")
+                        continue
                     results.write(json.dumps(line) + "\n")
                     report.written.append(png)
             bar.update(len(files[start:start + batch_size]))
