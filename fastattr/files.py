@@ -91,7 +91,7 @@ def check_output(out_dir: str | Path, option: str = "out_dir") -> Path:
 def _make_output(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a read-only file system, say, which the permission bits do not show
+    except OSError as exc:  # what check_output cannot foresee: a full disk, a folder locked since
         raise InputError(f"out_dir {str(out_dir)!r}: cannot create it ({exc.strerror or exc}); name a folder you "
                          "can write in") from None
 

@@ -60,13 +60,16 @@ def _parts_inside(folder: Path, excluded: Sequence[Path]) -> list[tuple[str, ...
 
 def read(path: str | Path, size: int = 224) -> Tensor:
     """An image file as RGB `[3, size, size]` float32 in [0, 1]: the shorter side resized to `size`, then the
-    centre cropped, as ImageNet models are evaluated. Raises InputError for a file that is not a readable image."""
+    centre cropped, as ImageNet models are evaluated. The image is turned as its EXIF orientation says, 16-bit
+    values are scaled to [0, 1], and the work is bounded by `size` whatever the aspect ratio. Raises InputError
+    for a file that is not a readable image, whatever its decoder raised."""
     return _resize_crop(_open_rgb(path, repr(str(path))), size)
 
 
 def decode(data: bytes, size: int = 224) -> Tensor:
     """`read` for an image file's bytes (an upload, say): RGB `[3, size, size]` float32 in [0, 1], resized and
-    cropped exactly as `read` does. Raises InputError for data that is not a readable image, truncated ones too.
+    cropped exactly as `read` does. Raises InputError for data that is not a readable image, truncated or
+    malformed ones too.
 
     >>> image = fastattr.images.decode(Path("examples/chelsea.png").read_bytes(), size=224)  # doctest: +SKIP
     """
