@@ -1,7 +1,8 @@
 """Offline batch explanation on Ray Data: a folder (or any path Ray reads) in, Parquet out.
 
 The model loads once per worker (a callable class in `map_batches`); the number of workers and the batch
-size are options. On a laptop a local Ray instance is started for the run; `address=` joins a cluster.
+size are options. On a laptop a local Ray instance is started for the run, listening on loopback alone
+(`fastattr.localray`); `address=` joins a cluster.
 
 >>> failed = fastattr.raydata.explain_to_parquet("photos/", "out/explained", Spec(k=3), workers=2)  # doctest: +SKIP
 
@@ -38,6 +39,7 @@ from . import images as _images
 from .pipeline import Spec, build, check
 from .options import spec_from_args
 from .errors import InputError
+from .localray import init_local_ray
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -141,7 +143,7 @@ def explain_to_parquet(paths: str | Sequence[str], out: str | Path, spec: Spec |
     if started and address is None:
         # Each worker holds a CPU for its whole life, so a local instance gets one more for the reading tasks:
         # with as many workers as cores, reading would otherwise wait for ever.
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=False, log_to_driver=False)
+        init_local_ray(max(os.cpu_count() or 1, workers + 1), log_to_driver=False)
     elif started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:

@@ -3,7 +3,10 @@
     fastattr serve [--model efficientnet_lite0|NAME|FILE.onnx|FILE.pt2] [--backend ...] [--port 8000]
         [--max-k 5] [--max-batch-size 16] [--batch-wait-ms 10] [--max-bytes N] [--max-pixels N]
 
-Its options are a spec's (`fastattr.options`) and the server's (`SERVER_OPTIONS`), declared once each.
+Its options are a spec's (`fastattr.options`) and the server's (`SERVER_OPTIONS`), declared once each. With a
+loopback --host (the default) the Ray instance it starts listens on loopback alone too: the GCS, the raylet, the
+workers, the agents and the metrics. Any other --host leaves Ray's servers on every interface, as a node of a
+cluster has them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 from pathlib import Path
 
 from ..errors import FastattrError
+from ..localray import init_local_ray, is_loopback
 from ..options import add_spec_arguments, usage_error
 from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, app
 
@@ -33,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1,
                         help="CPUs for Ray and the model (default: all of this machine's)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface); with a loopback "
+                             "address Ray's own processes listen on loopback alone too")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000")
 
 
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    init_local_ray(args.num_cpus, loopback=is_loopback(args.host))
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(application, name=DEPLOYMENT, route_prefix="/", blocking=False)
