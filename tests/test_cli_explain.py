@@ -93,7 +93,7 @@ def test_explain_runs_a_pt2_program_given_as_the_model(tmp_path):
     program = tmp_path / "r18.pt2"
     assert cli.main(["export", "--model", "resnet18", "--layer", "layer4", "--methods", "gradcam", "--k", "2",
                      "--input-size", "64", "--format", "pt2", "-o", str(program)]) == 0
-    assert cli.main(["explain", str(EXAMPLES / "chelsea.png"), "--model", str(program), "--no-progress",
+    assert cli.main(["explain", str(EXAMPLES / "chelsea.png"), "--model", str(program), "--trusted", "--no-progress",
                      "-o", str(tmp_path / "out")]) == 0
     line = json.loads((tmp_path / "out" / "results.jsonl").read_text())
     assert len(line["classes"]) == 2 and list(line["maps"]) == ["gradcam"]

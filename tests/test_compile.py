@@ -135,7 +135,7 @@ def program_path(tmp_path_factory):
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_loaded_program_equals_eager_for_any_batch_size(program_path, n):
-    program = fastattr.load_program(program_path)
+    program = fastattr.load_program(program_path, trusted=True)
     x = images(n, seed=7)
     want = fastattr.Explainer(model("resnet18"), layer="layer3", methods=("gradcam", "saliency"))(x, k=3)
     assert_same_explanation(program(x), want)
@@ -168,7 +168,7 @@ print("ok")
 def test_a_program_with_a_classes_input_explains_the_given_classes(tmp_path):
     path = fastattr.export_program(model("resnet18"), tmp_path / "with-classes.pt2", layer="layer4", k=2,
                                    input_shape=(3, 64, 64), with_classes=True)
-    program = fastattr.load_program(path)
+    program = fastattr.load_program(path, trusted=True)
     x, classes = images(3), torch.tensor([[1, 2], [999, 0], [5, 5]])
     want = fastattr.Explainer(model("resnet18"), layer="layer4")(x, classes=classes)
     assert_same_explanation(program(x, classes), want)
@@ -178,7 +178,7 @@ def test_a_program_with_a_classes_input_explains_the_given_classes(tmp_path):
 def test_an_aoti_package_equals_eager(tmp_path):
     path = fastattr.export_program(model("resnet18"), tmp_path / "aoti.pt2", layer="layer4", k=2,
                                    input_shape=(3, 64, 64), aoti=True)
-    program = fastattr.load_program(path)
+    program = fastattr.load_program(path, trusted=True)
     x = images(3, seed=11)
     assert_same_explanation(program(x), fastattr.Explainer(model("resnet18"), layer="layer4")(x, k=2))
 
@@ -196,7 +196,7 @@ WRONG_INPUTS = [
 @pytest.mark.parametrize("call,message", WRONG_INPUTS)
 def test_a_program_refuses_inputs_it_was_not_exported_for(program_path, call, message):
     with pytest.raises(fastattr.InputError, match=message):
-        call(fastattr.load_program(program_path))
+        call(fastattr.load_program(program_path, trusted=True))
 
 
 def test_a_file_that_is_not_a_program_is_refused(tmp_path):
@@ -227,7 +227,7 @@ def test_every_method_compiles_into_one_graph_equal_to_eager():
 def test_a_program_with_smoothgrad_and_ig_takes_noise_and_returns_the_completeness_error(tmp_path):
     options = dict(layer="layer4", methods=("smoothgrad", "ig"), samples=2, steps=2)
     path = fastattr.export_program(model("resnet18"), tmp_path / "sg-ig.pt2", k=2, input_shape=(3, 64, 64), **options)
-    program, eager, x = fastattr.load_program(path), fastattr.Explainer(model("resnet18"), **options), images(3)
+    program, eager, x = fastattr.load_program(path, trusted=True), fastattr.Explainer(model("resnet18"), **options), images(3)
     got, want = program(x), eager(x, k=2)
     assert_same_explanation(got, want)
     torch.testing.assert_close(got.completeness, want.completeness, rtol=1e-3, atol=1e-3)

@@ -97,7 +97,7 @@ def test_a_program_exported_from_a_cuda_model_runs_on_cuda(tmp_path):
     net = on_cuda("resnet18")
     path = fastattr.export_program(net, tmp_path / "cuda.pt2", layer="layer4", k=2, input_shape=(3, 64, 64))
     x = images(3, seed=8).cuda()
-    out = fastattr.load_program(path)(x)
+    out = fastattr.load_program(path, trusted=True)(x)
     assert out.maps["gradcam"].is_cuda
     assert_same_explanation(on_cpu(out), on_cpu(fastattr.Explainer(net, layer="layer4")(x, k=2)))
 
@@ -116,5 +116,5 @@ def test_an_aoti_package_from_a_cuda_model_equals_eager(tmp_path):
     path = fastattr.export_program(net, tmp_path / "cuda-aoti.pt2", layer="layer4", k=2, input_shape=(3, 64, 64),
                                    aoti=True)
     x = images(3, seed=10).cuda()
-    assert_same_explanation(on_cpu(fastattr.load_program(path)(x)),
+    assert_same_explanation(on_cpu(fastattr.load_program(path, trusted=True)(x)),
                             on_cpu(fastattr.Explainer(net, layer="layer4")(x, k=2)))

@@ -38,7 +38,7 @@ def specs(tmp_path_factory) -> dict[str, Spec]:
     onnx_classes = fastattr.export_onnx(model, folder / "r18-classes.onnx", with_classes=True, **common)
     pt2 = fastattr.export_program(model, folder / "r18.pt2", **common)
     return {"eager": Spec("resnet18", str(weights), "layer4", METHODS, K, SIZE), "onnx": Spec(str(onnx)),
-            "onnx-classes": Spec(str(onnx_classes)), "pt2": Spec(str(pt2))}
+            "onnx-classes": Spec(str(onnx_classes)), "pt2": Spec(str(pt2), trusted=True)}
 
 
 def batch() -> torch.Tensor:
@@ -52,7 +52,7 @@ def expected(spec: Spec, classes: torch.Tensor | None = None) -> fastattr.Explan
 def options(spec: Spec) -> list[str]:
     """The command-line options of `spec` (the methods with a space after the comma, as people type them)."""
     if spec.export_file is not None:
-        return ["--model", spec.model]
+        return ["--model", spec.model, *(["--trusted"] if spec.trusted else [])]
     return ["--model", spec.model, "--weights", spec.weights, "--layer", spec.layer, "--methods", "gradcam, saliency",
             "--k", str(spec.k), "--input-size", str(spec.input_size)]
 
@@ -91,7 +91,7 @@ def test_the_server_answers_as_the_built_pipeline_does(specs, backend):
 
     spec = specs[backend]
     args = {"model": spec.model, "weights": spec.weights, "layer": spec.layer, "input_size": spec.input_size,
-            "methods": ",".join(spec.methods) if spec.methods else None}
+            "methods": ",".join(spec.methods) if spec.methods else None, "trusted": spec.trusted or None}
     service_options = serve.app_options({name: value for name, value in args.items() if value is not None})
     service_options.pop("num_cpus")
     service = serve.ExplainService(**service_options)
