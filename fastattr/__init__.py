@@ -9,14 +9,14 @@
 
 from . import files, images, overlay, reference, tokens, zoo
 from .errors import CompileError, ExportError, FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
-from .explain import Explainer, Explanation, explain
+from .explain import Explainer, Explanation, clear_cache, explain
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
 from .layers import default_layer, layers
 from .methods import METHODS
 from .pipeline import Pipeline, Spec, build
 
 __all__ = [
-    "Explainer", "Explanation", "explain", "export_program", "load_program", "Program", "export_onnx", "OnnxExplainer", "layers", "default_layer", "METHODS", "build", "Spec", "Pipeline", "reference", "tokens", "zoo", "images", "overlay", "files",
+    "Explainer", "Explanation", "explain", "clear_cache", "export_program", "load_program", "Program", "export_onnx", "OnnxExplainer", "layers", "default_layer", "METHODS", "build", "Spec", "Pipeline", "reference", "tokens", "zoo", "images", "overlay", "files",
     "CompileError", "ExportError", "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,7 +21,7 @@ from .graph import OutputSelector
 from .guided import guided_split
 from .layers import default_layer, get_layer
 
-__all__ = ["Explanation", "Explainer", "explain"]
+__all__ = ["Explanation", "Explainer", "explain", "clear_cache"]
 
 log = logging.getLogger("fastattr")
 
@@ -58,7 +59,12 @@ class Explanation:
 
 # SmoothGrad's noisy copies per image and noise (a fraction of each image's value range), Integrated
 # Gradients' quadrature points: the defaults of Explainer and of the command line and serve app's options.
+# An export fixes them.
 SAMPLING = {"samples": 16, "noise": 0.15, "steps": 32}
+# The most images one chunk of SmoothGrad's or IG's points sends through the network, a run-time option that
+# no export fixes. A chunk of this size is a batch any front end already runs, and chunks this large run
+# about as fast as one pass over all points (benchmarks/results/chunked-sampling).
+SAMPLE_BATCH = 16
 
 
 def _first(model: nn.Module, kind: type) -> nn.Module | None:
@@ -102,6 +108,11 @@ class Explainer:
             Pass `noise=` to a call to give the draw `[N, samples, C, H, W]` yourself.
         steps, baseline: Integrated Gradients' Gauss-Legendre points on the path from `baseline` (a number,
             or a tensor `[C, H, W]`) to the image, as captum's default method places them.
+        sample_batch: the most images one chunk of SmoothGrad's or IG's pass sends through the network. The
+            N * samples (N * steps) points run in chunks of max(1, sample_batch // N) points per image, one
+            chunk's autograd state alive at a time, so memory stays that of a batch of max(N, sample_batch)
+            whatever `samples` and `steps` are; the maps equal one unchunked pass up to summation order.
+            None runs all points at once (fastest where memory allows).
         reshape: how the layer's activation becomes `[N, C, h, w]`, for a layout fastattr does not read
             itself. It reads feature maps, Swin's channels-last maps and ViT tokens (`[N, prefix + h*w, C]`,
             the grid from the model's patch size and the image's size; see `fastattr.tokens`).
@@ -122,7 +133,7 @@ class Explainer:
                  compile: bool | dict = False, dtype: torch.dtype | None = None,
                  samples: int = SAMPLING["samples"], noise: float = SAMPLING["noise"], seed: int | None = 0,
                  steps: int = SAMPLING["steps"], baseline: float | Tensor = 0.0,
-                 reshape: tokens.Reshape | None = None):
+                 sample_batch: int | None = SAMPLE_BATCH, reshape: tokens.Reshape | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if k_form not in ("auto", "loop", "vmap"):
@@ -144,6 +155,7 @@ class Explainer:
         self.samples, self.noise, self.seed = _count("samples", samples), _at_least_zero("noise", noise), seed
         self.steps, self.baseline = _count("steps", steps), _baseline(baseline)
         self._path = _methods.gauss_legendre(self.steps)
+        self.sample_batch = None if sample_batch is None else _count("sample_batch", sample_batch)
         self.k_form: graph.KForm = "loop" if k_form == "auto" else k_form
         self._stem = _first(model, nn.modules.conv._ConvNd)
         self._param = next(model.parameters(), None)
@@ -174,9 +186,7 @@ class Explainer:
                  noise: Tensor | None = None) -> Explanation:
         """Explain `images [N, C, H, W]` for `classes` (see `fastattr.targets`) or the top-`k` classes."""
         self.check_images(images)
-        if self.model.training:
-            warnings.warn("fastattr: the model is in training mode, so batch norm uses batch statistics and updates "
-                          "its running stats, and dropout is random; call model.eval() first", stacklevel=2)
+        check_eval_mode(self.model)
         num_classes = self.num_classes(images)
         target = _targets.resolve(classes, k, images.shape[0], num_classes, images.device)
         if noise is not None:
@@ -189,7 +199,7 @@ class Explainer:
 
     def _run(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None) -> Explanation:
         # The checked inputs through the compiled graph, when there is one, else eagerly.
-        if "noisy_grads" in self.reads and noise is None:
+        if "noisy_saliency" in self.reads and noise is None:
             noise = draw_noise(images, self.samples, self.seed)
         if self._compiled is None:
             logits, classes, maps, grads, completeness = self.attribution(images, classes, k, noise)
@@ -302,17 +312,22 @@ class Explainer:
             acts_grads = tokens.to_grid(self._layout, acts_grads, ndim, size) if acts_grads is not None else None
         values = {"images": images, "acts": acts, "acts_grads": acts_grads, "input_grads": p.input_grads}
         completeness = None
-        if "noisy_grads" in reads:
-            spread = self.noise * (images.amax((1, 2, 3)) - images.amin((1, 2, 3)))
-            points = images.unsqueeze(1) + spread.view(-1, 1, 1, 1, 1) * noise
-            values["noisy_grads"] = graph.grads_at(self._whole, points, classes, self.k_form)
+        per_chunk = self._points_per_chunk(images.shape[0])
+        if "noisy_saliency" in reads:
+            spread = (self.noise * (images.amax((1, 2, 3)) - images.amin((1, 2, 3)))).view(-1, 1, 1, 1, 1)
+            values["noisy_saliency"] = graph.folded_grads(
+                self._whole, lambda a, b: images.unsqueeze(1) + spread * noise[:, a:b],
+                lambda grads, a, b: _methods.saliency(grads).sum(1) / self.samples,
+                self.samples, classes, per_chunk, self.k_form)
         if "path_grads" in reads:
             baseline = self._baseline_like(images)
             deltas = images - baseline
             alphas, weights = (torch.tensor(v, dtype=images.dtype, device=images.device) for v in self._path)
-            points = baseline.unsqueeze(1) + alphas.view(1, -1, 1, 1, 1) * deltas.unsqueeze(1)
-            path = graph.grads_at(self._whole, points, classes, self.k_form)
-            values["deltas"], values["path_grads"] = deltas, (path * weights.view(1, -1, 1, 1, 1, 1)).sum(1)
+            values["deltas"] = deltas
+            values["path_grads"] = graph.folded_grads(
+                self._whole, lambda a, b: baseline.unsqueeze(1) + alphas[a:b].view(1, -1, 1, 1, 1) * deltas.unsqueeze(1),
+                lambda grads, a, b: (grads * weights[a:b].view(1, -1, 1, 1, 1, 1)).sum(1),
+                self.steps, classes, per_chunk, self.k_form)
             with torch.no_grad():
                 baseline_logits = self._whole.head(baseline)
             gains = p.logits.gather(1, classes) - baseline_logits.expand(images.shape[0], -1).gather(1, classes)
@@ -322,6 +337,13 @@ class Explainer:
                                                             k_form=self.k_form).input_grads
         return p.logits, classes, values, completeness
 
+    def _points_per_chunk(self, batch: int) -> int:
+        # Whole groups of points for every image: a chunk sends N * per_chunk images through the network, at
+        # least one point of each image, so the noise and path slices stay contiguous per image.
+        if self.sample_batch is None:
+            return max(self.samples, self.steps)
+        return max(1, self.sample_batch // batch)
+
     def _baseline_like(self, images: Tensor) -> Tensor:
         """`[1, C, H, W]`: the baseline, as a constant of the graph."""
         if isinstance(self.baseline, Tensor):
@@ -330,7 +352,7 @@ class Explainer:
         return torch.full_like(images[:1], self.baseline)
 
     def _check_noise(self, images: Tensor, noise: Tensor) -> None:
-        if "noisy_grads" not in self.reads:
+        if "noisy_saliency" not in self.reads:
             raise InputError(f"noise: only SmoothGrad reads noise, and the methods are {self.methods}")
         expected = (images.shape[0], self.samples, *images.shape[1:])
         if not isinstance(noise, Tensor) or tuple(noise.shape) != expected:
@@ -362,6 +384,7 @@ class Explainer:
         if self._stem is not None and images.shape[1] != self._stem.in_channels:
             raise InputError(f"images: {type(self.model).__name__} takes {self._stem.in_channels} channels, got "
                              f"{images.shape[1]} (shape {list(images.shape)})")
+        check_finite(images)
 
     def num_classes(self, images: Tensor) -> int:
         """The model's number of outputs for images like these (checked with `check_images` first), having checked
@@ -372,39 +395,68 @@ class Explainer:
         with self._lock:
             if key not in self._num_classes:
                 tokens.check_image_size(self._layout, tuple(images.shape[-2:]), type(self.model).__name__)
+                check_eval_mode(self.model)  # the probe runs the model: batch norm in training mode would update
                 logits, acts = self._probe(images)
                 if acts is not None:
                     tokens.check(self._layout, acts, tuple(images.shape[-2:]), self.layer, type(self.model).__name__)
+                    self._warn_if_one_cell(tokens.to_grid(self._layout, acts, acts.ndim, tuple(images.shape[-2:])))
                 self._num_classes[key] = int(logits.shape[1])
             return self._num_classes[key]
 
-    def _probe(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        # A fake-tensor pass gives the logits' and the layer's shapes without computing anything; a model whose
-        # forward reads values (data-dependent control flow) gets one real forward instead.
-        from torch._subclasses.fake_tensor import FakeTensorMode
+    def _warn_if_one_cell(self, grid: Tensor) -> None:
+        # A 1x1 map (a layer after global pooling) has one cell: every CAM map is a constant, which their
+        # min-max normalisation turns into zeros, a map that looks like "nothing here" rather than "wrong layer".
+        cams = [m for m in self.methods if {"acts", "acts_grads"} & set(_methods.METHODS[m].reads)]
+        if cams and tuple(grid.shape[-2:]) == (1, 1):
+            warnings.warn(f"fastattr: layer {self.layer!r} of {type(self.model).__name__} is 1x1, so {', '.join(cams)} "
+                          "can only give constant (all-zero) maps; pick a layer before the global pooling "
+                          "(fastattr.default_layer(model) gives the last feature map)", stacklevel=4)
 
+    def _probe(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        # One real forward of one image gives the logits' and the layer's shapes: cheaper than a fake-tensor pass,
+        # whose dispatch costs several real forwards, and right for forwards that read values.
         def run(x: Tensor) -> tuple[Tensor, Tensor | None]:
             if self.layer is None or not self.split.traced:
                 return self._whole.head(x), None
             acts, *carried = self.split.trunk(x)
             return self.split.head(acts, *carried), acts
 
-        probe = images[:1]
-        try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-                return run(mode.from_tensor(probe))
-        except FastattrError:
-            raise
-        except Exception:  # noqa: BLE001 - the real forward below reports what is wrong
-            pass
         try:
             with torch.inference_mode():
-                return run(probe)
+                return run(images[:1])
         except FastattrError:
             raise
         except Exception as exc:
             raise InputError(f"images: {type(self.model).__name__} cannot run on shape {list(images.shape)}: "
                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Raise `InputError` before any work unless every module of `model` is in eval mode.
+
+    In training mode batch norm updates its running statistics in place during the forward, and dropout
+    draws random masks: explaining would change the model and give maps no later call reproduces. fastattr
+    refuses rather than switching the mode itself, which would change the model too.
+    """
+    training = [name for name, module in model.named_modules() if module.training and name]
+    if model.training or training:
+        shown = ", ".join(map(repr, training[:3])) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+        which = (f"{type(model).__name__} is" if model.training else f"{type(model).__name__}'s modules are") + \
+            " in training mode" + (f" ({shown})" if training else "")
+        raise InputError(f"model: {which}, where batch norm would update its running statistics and dropout would be "
+                         "random; call model.eval() before explaining")
+
+
+def check_finite(images: Tensor) -> None:
+    """Raise `InputError` naming the images that hold NaN or Inf values: the model would give NaN logits and
+    maps that look like any other, explaining nothing."""
+    finite = torch.isfinite(images).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        which = f"images {shown} of the batch hold" if len(bad) > 1 else f"image {shown} of the batch holds"
+        raise InputError(f"images: {which} NaN or Inf values, which give NaN logits and meaningless maps; check "
+                         "how the images were decoded and normalised")
 
 
 def draw_noise(images: Tensor, samples: int, seed: int | None) -> Tensor:
@@ -443,14 +495,58 @@ def _past_recompile_limit(exc: BaseException) -> bool:
     return isinstance(exc, limit_hit) or isinstance(exc.__cause__, limit_hit) or isinstance(exc.__context__, limit_hit)
 
 
+# The Explainers of recent one-shot calls, most recent last: (id(model), structure, options) -> Explainer.
+# Bounded, because each holds its model.
+_RECENT: OrderedDict[tuple, Explainer] = OrderedDict()
+_RECENT_SIZE = 4
+_RECENT_LOCK = threading.Lock()
+
+
 def explain(model: nn.Module, images: Tensor, layer: str | None = None, methods: str | Sequence[str] = ("gradcam",),
             classes: _targets.Classes = None, k: int | None = None, **options) -> Explanation:
     """Logits, explained classes and maps for `images` in one call; `options` as for `Explainer`.
 
-    Each call builds an `Explainer` (an FX trace and a shape pass); for repeated calls, build one
-    `Explainer` and call it.
+    The Explainer built for a call (an FX trace) is kept for the next calls with the same model and options,
+    so repeated one-shot calls cost what calls of one Explainer cost. A kept Explainer is used only while the
+    model has the same modules, parameters and buffers (the same objects); values changed in place are read
+    as they are. The last four are kept (they hold their models); `clear_cache()` lets them go.
 
     >>> out = fastattr.explain(model.eval(), images, layer="layer4", methods=("gradcam", "saliency"), k=5)
     >>> out.logits.shape, out.classes.shape, out.maps["gradcam"].shape   # [N, 1000], [N, 5], [N, 5, H, W]
     """
-    return Explainer(model, layer, methods, **options)(images, classes=classes, k=k)
+    key = _cache_key(model, layer, methods, options)
+    with _RECENT_LOCK:
+        explainer = _RECENT.get(key) if key is not None else None
+        if explainer is not None:
+            _RECENT.move_to_end(key)
+    if explainer is None:
+        explainer = Explainer(model, layer, methods, **options)
+        if key is not None:
+            with _RECENT_LOCK:
+                _RECENT[key] = explainer
+                while len(_RECENT) > _RECENT_SIZE:
+                    _RECENT.popitem(last=False)
+    return explainer(images, classes=classes, k=k)
+
+
+def clear_cache() -> None:
+    """Forget the Explainers `explain` keeps, and the models they hold."""
+    with _RECENT_LOCK:
+        _RECENT.clear()
+
+
+def _cache_key(model: nn.Module, layer, methods, options: dict) -> tuple | None:
+    # What an Explainer fixes when it is built: the module tree it traced, the parameter and buffer objects the
+    # trace refers to, and its options. Tensors among the options (a baseline) may change in place, and other
+    # unhashable options cannot be compared: those calls build their own Explainer.
+    if not isinstance(model, nn.Module) or any(isinstance(v, Tensor) for v in options.values()):
+        return None
+    structure = (tuple((name, type(m), id(m)) for name, m in model.named_modules()),
+                 tuple(id(t) for t in model.parameters()), tuple(id(t) for t in model.buffers()))
+    key = (id(model), structure, layer, methods if isinstance(methods, str) else tuple(methods),
+           tuple(sorted(options.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key

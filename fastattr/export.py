@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import _export, methods as _methods, targets
 from .errors import ExportError, InputError
-from .explain import Explainer, Explanation, draw_noise
+from .explain import SAMPLE_BATCH, Explainer, Explanation, check_eval_mode, check_finite, draw_noise
 
 FORMAT = "fastattr-program/1"
 _EXTRA = "fastattr.json"
@@ -47,7 +47,10 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
              with_classes: bool, options: dict):
     """The attribution as a function of tensors returning (logits, classes, *maps), an example input, and
     the metadata a loader needs."""
-    explainer = Explainer(model, layer, methods, **options)
+    # All of an image's points in one graph: the chunk size would be a function of the traced batch size. A
+    # loaded export bounds memory by calling the graph on fewer images at once (`_in_chunks`).
+    check_eval_mode(model)
+    explainer = Explainer(model, layer, methods, **options, sample_batch=None)
     param = next(model.parameters())
     shape = tuple(int(s) for s in input_shape[-3:])
     # The tracer gives equal sizes one symbol, so an example batch equal to K, a channel count or the image
@@ -57,7 +60,7 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     num_classes = explainer.num_classes(example)
     targets.resolve(None, k, n, num_classes, example.device)  # checks k as every entry point does
 
-    smooth, integrated = "noisy_grads" in explainer.reads, "path_grads" in explainer.reads
+    smooth, integrated = "noisy_saliency" in explainer.reads, "path_grads" in explainer.reads
 
     def attribution(images: Tensor, *rest: Tensor):
         classes = rest[0] if with_classes else None
@@ -237,6 +240,7 @@ def _images_and_classes(meta: dict, images: Tensor, classes: Tensor | None) -> t
                          "export again with input_shape= for another size")
     if images.dtype != getattr(torch, meta["dtype"]):
         raise InputError(f"images: this export takes torch.{meta['dtype']}, got {images.dtype}")
+    check_finite(images)
     if not meta["with_classes"]:
         if classes is not None:
             raise InputError(f"classes: this export picks the top-{k} classes itself; export it with "
@@ -248,6 +252,26 @@ def _images_and_classes(meta: dict, images: Tensor, classes: Tensor | None) -> t
     # The graph gathers rows of the classifier's weight by these indices: they are checked where every caller's are.
     targets.resolve(classes, None, images.shape[0], meta["num_classes"], classes.device)
     return images, classes.to(torch.long)
+
+
+def _in_chunks(meta: dict, sample_batch: int | None, args: tuple[Tensor, ...], run) -> Explanation:
+    """`run(*args)` on at most max(1, sample_batch // points) images at a time, where `points` are the sampled copies
+    of each image the export sends through the network (SmoothGrad's samples, IG's steps): the memory an
+    Explainer's chunks bound, bounded for an export by calling it on fewer images. Outputs are batch first."""
+    points = max(meta["samples"] if "noise" in meta["inputs"] else 1,
+                 meta["steps"] if "completeness" in meta["outputs"] else 1)
+    n = args[0].shape[0]
+    step = n if sample_batch is None or points == 1 else max(1, sample_batch // points)
+    if step >= n:
+        return _explanation(meta, list(run(*args)))
+    parts = [list(run(*(a[i:i + step] for a in args))) for i in range(0, n, step)]
+    return _explanation(meta, [torch.cat(outputs) for outputs in zip(*parts)])
+
+
+def _check_sample_batch(sample_batch: int | None) -> int | None:
+    if sample_batch is not None and (isinstance(sample_batch, bool) or not isinstance(sample_batch, int) or sample_batch < 1):
+        raise InputError(f"sample_batch: expected an int >= 1 or None, got {sample_batch!r}")
+    return sample_batch
 
 
 def _checked(meta: dict, path: Path) -> dict:
@@ -262,8 +286,9 @@ class Program:
     Thread-safe: the loaded graph keeps no state between calls.
     """
 
-    def __init__(self, run, meta: dict, path: Path):
+    def __init__(self, run, meta: dict, path: Path, sample_batch: int | None = SAMPLE_BATCH):
         self._run, self.meta, self.path = run, meta, path
+        self.sample_batch = _check_sample_batch(sample_batch)
         self.methods: tuple[str, ...] = tuple(meta["methods"])
         self.k: int = meta["k"]
         self.dtype = getattr(torch, meta["dtype"])
@@ -274,7 +299,7 @@ class Program:
     def __call__(self, images: Tensor, classes: Tensor | None = None, noise: Tensor | None = None) -> Explanation:
         args = _check_inputs(self.meta, images, classes, noise)
         with torch.inference_mode():
-            return _explanation(self.meta, list(self._run(*args)))
+            return _in_chunks(self.meta, self.sample_batch, args, self._run)
 
 
 class _Archive(NamedTuple):
@@ -286,7 +311,7 @@ class _Archive(NamedTuple):
     has_library: bool    # the AOTInductor model is compiled (without, torch's loader compiles its C++ source)
 
 
-def load_program(path: str | Path, *, trusted: bool = False) -> Program:
+def load_program(path: str | Path, *, trusted: bool = False, sample_batch: int | None = SAMPLE_BATCH) -> Program:
     """Load what `export_program` saved (a torch.export program or an AOTInductor package).
 
     Loading a .pt2 runs code the file holds: an AOTInductor package's shared library runs as it is loaded, and
@@ -294,6 +319,9 @@ def load_program(path: str | Path, *, trusted: bool = False) -> Program:
     only with `trusted=True`: pass it for files you made or whose maker you trust. Without it the metadata is
     still read and checked (as a zip archive, which runs nothing), so that a file that is not a fastattr
     program is told so, and an `InputError` says why the file is not loaded.
+
+    `sample_batch`, for an export of SmoothGrad or IG, bounds the images one call of the graph sees: it runs on
+    max(1, sample_batch // points) images at a time (points: samples or steps), as the Explainer's chunks do.
     """
     path = Path(path)
     if not isinstance(trusted, bool):
@@ -304,8 +332,8 @@ def load_program(path: str | Path, *, trusted: bool = False) -> Program:
     if not trusted:
         raise InputError(_untrusted(path, archive.aoti))
     if archive.aoti:
-        return Program(_load_aoti(path, archive), archive.meta, path)
-    return Program(_load_exported(path).module(), archive.meta, path)
+        return Program(_load_aoti(path, archive), archive.meta, path, sample_batch)
+    return Program(_load_exported(path).module(), archive.meta, path, sample_batch)
 
 
 def _untrusted(path: Path, aoti: bool) -> str:
@@ -425,16 +453,18 @@ def _tmpdir(folder: str) -> Iterator[None]:
 class OnnxExplainer:
     """An ONNX export run in onnxruntime, returning the same `Explanation` as the torch path.
 
-    Thread-safe: onnxruntime sessions take concurrent `run` calls.
+    Thread-safe: onnxruntime sessions take concurrent `run` calls. `sample_batch` bounds the images one run of an
+    export of SmoothGrad or IG sees, as in `load_program`.
 
     >>> explainer = fastattr.OnnxExplainer("resnet18.onnx", providers=["CPUExecutionProvider"])  # doctest: +SKIP
     >>> out = explainer(images)        # out.logits, out.classes, out.maps["gradcam"]              # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, **session_options):
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, *, sample_batch: int | None = SAMPLE_BATCH,
+                 **session_options):
         import onnxruntime as ort
 
-        self.path = Path(path)
+        self.path, self.sample_batch = Path(path), _check_sample_batch(sample_batch)
         if not self.path.is_file():
             raise InputError(f"path: no file {str(self.path)!r}")
         options = ort.SessionOptions()
@@ -459,5 +489,8 @@ class OnnxExplainer:
 
     def __call__(self, images: Tensor, classes: Tensor | None = None, noise: Tensor | None = None) -> Explanation:
         args = _check_inputs(self.meta, images, classes, noise)
+        return _in_chunks(self.meta, self.sample_batch, args, self._run)
+
+    def _run(self, *args: Tensor) -> list[Tensor]:
         feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.meta["inputs"], args)}
-        return _explanation(self.meta, [torch.from_numpy(a) for a in self.session.run(self.meta["outputs"], feeds)])
+        return [torch.from_numpy(a) for a in self.session.run(self.meta["outputs"], feeds)]

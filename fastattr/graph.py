@@ -37,7 +37,8 @@ from .errors import LayerError, ModelOutputError
 from .layers import get_layer
 from .onehot import one_hot
 
-__all__ = ["KForm", "OutputSelector", "Split", "split", "at_input", "Pass", "forward_backward", "grads_at"]
+__all__ = ["KForm", "OutputSelector", "Split", "split", "at_input", "Pass", "forward_backward", "grads_at",
+           "folded_grads", "unpassed_defaults"]
 
 KForm = Literal["loop", "vmap"]
 OutputSelector = Callable[[Any], Tensor] | str | int | None
@@ -60,13 +61,38 @@ class _LeafAt(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def unpassed_defaults(model: nn.Module) -> dict[str, Any] | None:
+    """The defaults of `model.forward`'s arguments after the images, which fastattr never passes.
+
+    torch.fx gives every argument a placeholder, so `if mask is not None` would trace as if a mask were
+    given; traced with these values as constants, the graph runs the branch a call with the images alone runs.
+    """
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # a forward without a readable signature: trace it as it is
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    defaults = {p.name: p.default for p in parameters if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return defaults or None
+
+
 def _selector(output: OutputSelector) -> Callable[[Any], Tensor]:
     if output is None:
         return lambda out: out
     if callable(output):
         return output
     if isinstance(output, (str, int)):
-        return lambda out: out[output]
+        def pick(out: Any) -> Tensor:
+            try:
+                return out[output]
+            except (KeyError, IndexError, TypeError):
+                keys = f" (keys {list(out.keys())})" if isinstance(out, dict) else \
+                    f" ({len(out)} entries)" if isinstance(out, (tuple, list)) else ""
+                raise ModelOutputError(f"output={output!r}: the model's output, a {type(out).__name__}{keys}, has no "
+                                       "such entry; pass a key or index it has, or output=<callable>") from None
+        return pick
     raise ModelOutputError(f"output: expected a key, an index or a callable, got {type(output).__name__}")
 
 
@@ -112,7 +138,7 @@ def split(model: nn.Module, layer: str | None, output: OutputSelector = None) ->
     select = _selector(output)
     module = get_layer(model, layer)
     try:
-        graph = _LeafAt(layer).trace(model)
+        graph = _LeafAt(layer).trace(model, concrete_args=unpassed_defaults(model))
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the eager path
         warnings.warn(
             f"fastattr: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); using the "
@@ -247,6 +273,24 @@ def grads_at(s: Split, points: Tensor, classes: Tensor, k_form: KForm = "loop") 
     repeated = classes.unsqueeze(1).expand(-1, count, -1).flatten(0, 1)
     p = forward_backward(s, points.flatten(0, 1), repeated, classes.shape[1], input_grads=True, k_form=k_form)
     return p.input_grads.unflatten(0, (n, count))
+
+
+def folded_grads(s: Split, points: Callable[[int, int], Tensor], fold: Callable[[Tensor, int, int], Tensor],
+                 count: int, classes: Tensor, per_chunk: int, k_form: KForm = "loop") -> Tensor:
+    """The sum over chunks of `fold(grads, start, stop)`, where `grads [N, stop - start, K, C, H, W]` are the input
+    gradients at `points(start, stop) [N, stop - start, C, H, W]`, for `count` points per image taken `per_chunk`
+    at a time.
+
+    Only one chunk's autograd state is alive at once, so memory follows N * per_chunk, not N * count; the
+    result equals one pass over all points up to the order of the sum. `fold` reduces a chunk to its share
+    of the result (a weighted sum over the points, a mean of maps), so no `[N, count, ...]` gradient is kept.
+    """
+    total = None
+    for start in range(0, count, per_chunk):
+        stop = min(start + per_chunk, count)
+        share = fold(grads_at(s, points(start, stop), classes, k_form), start, stop)
+        total = share if total is None else total + share
+    return total
 
 
 def _differentiable(values: tuple[Any, ...]) -> list[int]:

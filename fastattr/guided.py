@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import MethodError
-from .graph import OutputSelector, Split, at_input
+from .graph import OutputSelector, Split, at_input, unpassed_defaults
 
 __all__ = ["guided_relu", "guided_split"]
 
@@ -61,7 +61,7 @@ def guided_split(model: nn.Module, output: OutputSelector = None) -> Split:
     """The whole model as a Split at the input whose every ReLU (module, function or method) has the guided
     backward rule. The model is traced with torch.fx, not hooked, and left as it is."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model, concrete_args=unpassed_defaults(model))
     except Exception as exc:  # noqa: BLE001
         raise MethodError(f"methods: guided backpropagation rewrites the ReLUs of a torch.fx trace, and torch.fx "
                          f"cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); use another method") from exc

@@ -6,7 +6,7 @@ A method reads some of what the passes produce, batch first, with K explained cl
     acts_grads    [N, K, C, h, w]       d logit_k / d acts
     images        [N, C, H, W]
     input_grads   [N, K, C, H, W]       d logit_k / d images
-    noisy_grads   [N, S, K, C, H, W]    input gradients at S noisy copies of each image (SmoothGrad)
+    noisy_saliency [N, K, H, W]         the mean over S noisy copies of each image of sum_c |d logit_k / d x_c|
     deltas        [N, C, H, W]          images - baseline (Integrated Gradients)
     path_grads    [N, K, C, H, W]       the input gradient integrated along baseline -> image, by quadrature
     guided_grads  [N, K, C, H, W]       input gradients with the guided ReLU backward rule
@@ -144,9 +144,13 @@ def input_x_gradient(images: Tensor, input_grads: Tensor) -> Tensor:
     return _channel_abs_sum(images.unsqueeze(1) * input_grads)
 
 
-def smoothgrad(noisy_grads: Tensor) -> Tensor:
-    """SmoothGrad (Smilkov et al., 2017) over saliency: the mean over S noisy copies of sum_c |dy/dx_c|."""
-    return _channel_abs_sum(noisy_grads).mean(1)
+def smoothgrad(noisy_saliency: Tensor) -> Tensor:
+    """SmoothGrad (Smilkov et al., 2017) over saliency: (1/S) sum_s sum_c |dy/dx_c (x + noise_s)|.
+
+    The mean is taken in the pass that computes the gradients, chunk by chunk (`noisy_saliency`), so the
+    S gradients are never held at once; the method is that mean.
+    """
+    return noisy_saliency
 
 
 def integrated_gradients(deltas: Tensor, path_grads: Tensor) -> Tensor:
@@ -212,7 +216,7 @@ METHODS: dict[str, Method] = {
     "eigencam": Method(eigencam, ("acts",), postprocess.minmax_clamped),
     "saliency": _input_method(saliency, "input_grads"),
     "inputxgrad": _input_method(input_x_gradient, "images", "input_grads"),
-    "smoothgrad": _input_method(smoothgrad, "noisy_grads"),
+    "smoothgrad": _input_method(smoothgrad, "noisy_saliency"),
     "ig": _input_method(integrated_gradients, "deltas", "path_grads"),
     "guided": _input_method(guided_backprop, "guided_grads"),
     "guided-gradcam": _input_method(guided_gradcam, "acts", "acts_grads", "guided_grads"),

@@ -15,7 +15,7 @@ from typing import Any
 from . import zoo
 from .pipeline import BACKENDS, DEFAULTS, Spec
 from .errors import InputError
-from .explain import SAMPLING
+from .explain import SAMPLE_BATCH, SAMPLING
 from .methods import METHODS
 
 __all__ = ["add_spec_arguments", "spec_from_args", "usage_error"]
@@ -59,6 +59,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, backends: Sequence[st
                              f"{SAMPLING['noise']}, or an export's)")
     add("--steps", type=int,
                         help=f"ig: Gauss-Legendre points on the path (default {SAMPLING['steps']}, or an export's)")
+    add("--sample-batch", type=int, metavar="IMAGES",
+                        help="smoothgrad, ig: the most noisy copies or path points one pass sends through the network, "
+                             f"which bounds their memory (default {SAMPLE_BATCH})")
     add("--trusted", action="store_true",
                         help="load a .pt2 --model file, which runs code as it is loaded (an AOTInductor package's "
                              "native library, a torch.export program's pickles): only for files you made or trust")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import methods as _methods, zoo
 from .errors import InputError
-from .explain import SAMPLING, Explainer, Explanation
+from .explain import SAMPLE_BATCH, SAMPLING, Explainer, Explanation
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
 
 __all__ = ["Spec", "Pipeline", "build", "load_model", "check", "check_device", "check_trusted", "export", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
@@ -78,6 +78,8 @@ class Spec:
                 a named model is exported to a temporary file for the last two; an export file sets its own
     with_classes: an export made on the fly also takes class indices as an input
     samples, noise, steps: SmoothGrad's and Integrated Gradients' options (see `Explainer`)
+    sample_batch: the most of their sampled images one pass sends through the network (default `SAMPLE_BATCH`;
+                an export file takes it too: it is called on fewer images at once)
     trusted:    the model file may run code: a .pt2 file is loaded only with it (`fastattr.load_program`)
     """
 
@@ -93,13 +95,14 @@ class Spec:
     samples: int | None = None
     noise: float | None = None
     steps: int | None = None
+    sample_batch: int | None = None
     trusted: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "model", str(self.model))
         object.__setattr__(self, "weights", None if self.weights is None else str(self.weights))
         object.__setattr__(self, "methods", parse_methods(self.methods))
-        for name in ("k", "input_size", "samples", "steps"):
+        for name in ("k", "input_size", "samples", "steps", "sample_batch"):
             _at_least(name, getattr(self, name), 1, int)
         _at_least("noise", self.noise, 0, float)
         if not isinstance(self.trusted, bool):  # a string "false" would be true
@@ -293,7 +296,7 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
         model = _load(spec)
         size = spec.input_size or DEFAULTS["input_size"]
         explainer = Explainer(model, layer=spec.layer, methods=spec.methods or DEFAULTS["methods"],
-                              compile=backend == "compiled", **spec.sampling)
+                              compile=backend == "compiled", sample_batch=_sample_batch(spec), **spec.sampling)
         num_classes = explainer.num_classes(torch.zeros(1, 3, size, size, device=spec.device))
         return Pipeline(spec, backend, spec.model, explainer.methods, explainer.layer,
                         DEFAULTS["k"] if spec.k is None else spec.k, None, num_classes, size, True,
@@ -315,17 +318,21 @@ def _from_export_file(spec: Spec, prefix: str) -> Pipeline:
     path = spec.export_file
     kind = EXPORT_SUFFIXES[path.suffix.lower()]
     if kind == "onnx":
-        explainer = OnnxExplainer(path, providers=_onnx_providers(spec.device, prefix))
+        explainer = OnnxExplainer(path, providers=_onnx_providers(spec.device, prefix), sample_batch=_sample_batch(spec))
         import onnxruntime as ort
 
         info = {"onnxruntime": ort.__version__, "providers": explainer.session.get_providers()}
     else:  # build has checked the device
-        explainer, info = load_program(path, trusted=spec.trusted), {}
+        explainer, info = load_program(path, trusted=spec.trusted, sample_batch=_sample_batch(spec)), {}
     meta = explainer.meta
     _check_agrees(spec, meta, path, prefix)
     methods = spec.methods or tuple(meta["methods"])
     return Pipeline(spec, kind, str(path), methods, meta["layer"], meta["k"], meta["k"], meta["num_classes"],
                     meta["input_shape"][-1], meta["with_classes"], class_names(meta["num_classes"]), info, explainer)
+
+
+def _sample_batch(spec: Spec) -> int:
+    return SAMPLE_BATCH if spec.sample_batch is None else spec.sample_batch
 
 
 def _check_agrees(spec: Spec, meta: dict, path: Path, prefix: str) -> None:

@@ -7,12 +7,16 @@ Accepted forms, for a batch of N images and a model with `num_classes` outputs:
 - ``classes=c`` (an int): class c for every image;
 - ``classes=[c1, c2, ...]`` (a list or tuple of ints): the same classes for every image;
 - ``classes=tensor[N]``: one class per image;  ``classes=tensor[N, K]``: K classes per image.
+
+numpy integers and integer arrays are taken as the ints and tensors they are.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +38,7 @@ def resolve(classes: Classes, k: int | None, n: int, num_classes: int, device: t
     """Check `classes`/`k` against the batch size and the number of outputs; raise before any work."""
     if classes is not None and k is not None:
         raise TargetError(f"classes and k: got both (k={k}); pass classes= to name them or k= for the top-k, not both")
+    classes = _from_numpy(classes)
     if classes is None:
         k = 1 if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes:
@@ -57,12 +62,12 @@ def resolve(classes: Classes, k: int | None, n: int, num_classes: int, device: t
             table = classes
         else:
             raise TargetError(f"classes: expected a tensor [N] or [N, K], got shape {list(classes.shape)}")
-    elif isinstance(classes, int) and not isinstance(classes, bool):
-        table = torch.tensor([[classes]]).expand(n, 1)
+    elif _is_index(classes):
+        table = torch.tensor([[int(classes)]]).expand(n, 1)
     elif isinstance(classes, Sequence) and not isinstance(classes, str):
-        if not classes or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        if not classes or not all(map(_is_index, classes)):
             raise TargetError(f"classes: a list must hold at least one int class index, got {classes!r}")
-        table = torch.tensor([list(classes)]).expand(n, len(classes))
+        table = torch.tensor([[int(c) for c in classes]]).expand(n, len(classes))
     else:
         raise TargetError(f"classes: expected None, an int, a list of ints or an integer tensor, got {type(classes).__name__}")
 
@@ -72,3 +77,15 @@ def resolve(classes: Classes, k: int | None, n: int, num_classes: int, device: t
         raise TargetError(
             f"classes: index {first} out of range for a model with {num_classes} outputs (valid 0..{num_classes - 1})")
     return Targets(table.to(device=device, dtype=torch.long).contiguous(), table.shape[1])
+
+
+def _is_index(value: Any) -> bool:
+    # Python's and numpy's integers alike (numpy registers its integer types as numbers.Integral, not its bool).
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _from_numpy(classes: Any) -> Any:
+    """A numpy array as the tensor it is (its dtype checked as a tensor's); anything else as it is."""
+    if type(classes).__module__ == "numpy" and hasattr(classes, "ndim") and classes.ndim > 0:
+        return torch.as_tensor(classes)
+    return classes

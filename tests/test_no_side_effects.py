@@ -69,11 +69,30 @@ def test_a_raising_call_leaves_model_and_input_unchanged(bad_call):
     assert torch.equal(x, x_before) and not x.requires_grad
 
 
-def test_a_model_in_training_mode_stays_in_training_mode_and_is_warned_about():
+@pytest.mark.parametrize("method", sorted(fastattr.METHODS))
+def test_a_model_in_training_mode_is_refused_before_any_work_and_left_unchanged(method):
     net = torchvision.models.resnet18(num_classes=10).train()
-    with pytest.warns(UserWarning, match=r"training mode.*call model.eval\(\) first"):
-        fastattr.explain(net, images(2), layer="layer4")
+    before = snapshot(net)
+    with pytest.raises(fastattr.InputError, match=r"ResNet is in training mode \('conv1', 'bn1', 'relu' and 6\d more\).*call model.eval\(\) before explaining"):
+        fastattr.explain(net, images(2), layer="layer4", methods=(method,), samples=2, steps=2)
+    assert_same(before, snapshot(net))
     assert all(m.training for m in net.modules())
+
+
+def test_one_submodule_left_in_training_mode_is_named_in_the_refusal():
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    net.layer2[1].bn1.train()
+    with pytest.raises(fastattr.InputError, match=r"ResNet's modules are in training mode \('layer2.1.bn1'\), where"):
+        fastattr.explain(net, images(2), layer="layer4")
+
+
+@pytest.mark.parametrize("method", sorted(fastattr.METHODS))
+def test_the_same_model_in_eval_mode_is_explained_and_left_unchanged(method):
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    before = snapshot(net)
+    out = fastattr.explain(net, images(2), layer="layer4", methods=(method,), samples=2, steps=2, k=2)
+    assert out.maps[method].shape == (2, 2, 64, 64) and torch.isfinite(out.maps[method]).all()
+    assert_same(before, snapshot(net))
 
 
 def test_eight_threads_on_one_model_get_the_results_of_sequential_calls():

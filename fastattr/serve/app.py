@@ -4,7 +4,7 @@
     serve deploy serve_config.yaml
 
 The arguments are a `Spec`'s (model, weights, layer, methods, onnx, compile, device, backend, input_size,
-samples, noise, steps, trusted) and the server's own (`SERVER_OPTIONS`); `DEFAULTS` has them all.
+samples, noise, steps, sample_batch, trusted) and the server's own (`SERVER_OPTIONS`); `DEFAULTS` has them all.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ SERVER_OPTIONS: dict[str, Option] = {
 SPEC_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "model": str, "weights": _optional(str), "layer": _optional(str), "methods": _optional(parse_methods),
     "onnx": _optional(str), "compile": _bool, "device": str, "backend": _optional(str), "input_size": _optional(int),
-    "samples": _optional(int), "noise": _optional(float), "steps": _optional(int), "trusted": _bool,
+    "samples": _optional(int), "noise": _optional(float), "steps": _optional(int), "sample_batch": _optional(int),
+    "trusted": _bool,
 }
 DEFAULTS: dict[str, Any] = {**{name: None for name in SPEC_OPTIONS}, "model": zoo.PRETRAINED, "compile": False,
                             "device": "cpu", "trusted": False, **{name: o.default for name, o in SERVER_OPTIONS.items()}}
@@ -86,7 +87,7 @@ class ExplainService:
     """The Ray Serve deployment (named "fastattr"): builds the pipeline once, then answers `POST /explain`.
 
     Args: a spec's (model, weights, layer, methods, onnx, compile, device, backend, input_size, samples, noise,
-    steps, trusted; see `fastattr.build.Spec`), then max_k, max_batch_size and batch_wait_ms (the dynamic batching: a
+    steps, sample_batch, trusted; see `fastattr.build.Spec`), then max_k, max_batch_size and batch_wait_ms (the dynamic batching: a
     batch runs when it is full or when its first request has waited this long), max_bytes and max_pixels
     (larger images are answered 413).
 
