@@ -102,7 +102,9 @@ def test_the_server_answers_as_the_built_pipeline_does(specs, backend):
     for i, (query, answer) in enumerate(zip(queries, answers)):
         assert answer.classes.tolist() == want.classes[i, :query.k].tolist()
         for method in query.methods:
-            torch.testing.assert_close(answer.maps[method], want.maps[method][i, :query.k], rtol=0, atol=1e-6)
+            # The server's batch is assembled on its own; on some CPUs (seen on an AMD EPYC) its float32 saliency
+            # differs from the direct call's in the last bits of a normalised map.
+            torch.testing.assert_close(answer.maps[method], want.maps[method][i, :query.k], rtol=0, atol=1e-5)
     if service.pipeline.takes_classes:  # named classes go through the checked path, as the API's do
         named = serve.answer_batch(service.pipeline, [(pictures[0], serve.Query(2, (5, 7), METHODS, "none"))],
                                    service.fixed_k)[0]
