@@ -112,7 +112,9 @@ class Explainer:
             N * samples (N * steps) points run in chunks of max(1, sample_batch // N) points per image, one
             chunk's autograd state alive at a time, so memory stays that of a batch of max(N, sample_batch)
             whatever `samples` and `steps` are; the maps equal one unchunked pass up to summation order.
-            None runs all points at once (fastest where memory allows).
+            None runs all points at once. A compiled explainer runs all of an image's points in its graph
+            (so that batch sizes share one graph) and calls it on max(1, sample_batch // points) images
+            at a time.
         reshape: how the layer's activation becomes `[N, C, h, w]`, for a layout fastattr does not read
             itself. It reads feature maps, Swin's channels-last maps and ViT tokens (`[N, prefix + h*w, C]`,
             the grid from the model's patch size and the image's size; see `fastattr.tokens`).
@@ -204,7 +206,14 @@ class Explainer:
         if self._compiled is None:
             logits, classes, maps, grads, completeness = self.attribution(images, classes, k, noise)
         else:
-            logits, classes, maps, grads, completeness = self._run_compiled(images, classes, k, noise)
+            # The compiled graph runs all of an image's points at once (a chunk count that depends on the batch
+            # size would compile a graph per batch size); fewer images per call bound its memory instead.
+            points = self._points_per_image()
+            step = images_per_call(points, self.sample_batch, images.shape[0])
+            parts = [self._run_compiled(images[i:i + step], None if classes is None else classes[i:i + step], k,
+                                        None if noise is None else noise[i:i + step])
+                     for i in range(0, images.shape[0], step)]
+            logits, classes, maps, grads, completeness = _concatenated(parts)
         return Explanation(logits, classes, dict(zip(self.methods, maps)), self.layer,
                            dict(zip(self._grad_names, grads)), completeness)
 
@@ -340,9 +349,12 @@ class Explainer:
     def _points_per_chunk(self, batch: int) -> int:
         # Whole groups of points for every image: a chunk sends N * per_chunk images through the network, at
         # least one point of each image, so the noise and path slices stay contiguous per image.
-        if self.sample_batch is None:
+        if self.sample_batch is None or self._compiled is not None:
             return max(self.samples, self.steps)
         return max(1, self.sample_batch // batch)
+
+    def _points_per_image(self) -> int:
+        return max(self.samples if "noisy_saliency" in self.reads else 1, self.steps if "path_grads" in self.reads else 1)
 
     def _baseline_like(self, images: Tensor) -> Tensor:
         """`[1, C, H, W]`: the baseline, as a constant of the graph."""
@@ -447,6 +459,21 @@ def check_eval_mode(model: nn.Module) -> None:
                          "random; call model.eval() before explaining")
 
 
+def images_per_call(points: int, sample_batch: int | None, n: int) -> int:
+    """How many of `n` images one call of a graph that runs all `points` of each image at once (a compiled
+    graph, an export) may take: max(1, sample_batch // points), or all of them without sampling or a bound."""
+    return n if sample_batch is None or points == 1 else max(1, sample_batch // points)
+
+
+def _concatenated(parts: list[tuple]) -> tuple:
+    # (logits, classes, maps, grads, completeness) of consecutive groups of images, as one call's.
+    if len(parts) == 1:
+        return parts[0]
+    logits, classes, maps, grads, completeness = zip(*parts)
+    return (torch.cat(logits), torch.cat(classes), [torch.cat(m) for m in zip(*maps)], [torch.cat(g) for g in zip(*grads)],
+            None if completeness[0] is None else torch.cat(completeness))
+
+
 def check_finite(images: Tensor) -> None:
     """Raise `InputError` naming the images that hold NaN or Inf values: the model would give NaN logits and
     maps that look like any other, explaining nothing."""
@@ -508,8 +535,9 @@ def explain(model: nn.Module, images: Tensor, layer: str | None = None, methods:
 
     The Explainer built for a call (an FX trace) is kept for the next calls with the same model and options,
     so repeated one-shot calls cost what calls of one Explainer cost. A kept Explainer is used only while the
-    model has the same modules, parameters and buffers (the same objects); values changed in place are read
-    as they are. The last four are kept (they hold their models); `clear_cache()` lets them go.
+    model has the same modules, parameters and buffers (the same objects) and the same plain attributes
+    (numbers, strings, flags); tensor values changed in place are read as they are. The last four are kept,
+    and they hold their models: `clear_cache()` lets them go.
 
     >>> out = fastattr.explain(model.eval(), images, layer="layer4", methods=("gradcam", "saliency"), k=5)
     >>> out.logits.shape, out.classes.shape, out.maps["gradcam"].shape   # [N, 1000], [N, 5], [N, 5, H, W]
@@ -541,7 +569,10 @@ def _cache_key(model: nn.Module, layer, methods, options: dict) -> tuple | None:
     # unhashable options cannot be compared: those calls build their own Explainer.
     if not isinstance(model, nn.Module) or any(isinstance(v, Tensor) for v in options.values()):
         return None
-    structure = (tuple((name, type(m), id(m)) for name, m in model.named_modules()),
+    # A module's plain attributes (a scale, a flag) are constants of the trace: their values are part of the key.
+    scalar = (type(None), bool, int, float, str)
+    structure = (tuple((name, type(m), id(m), tuple((a, v) for a, v in vars(m).items() if isinstance(v, scalar)))
+                       for name, m in model.named_modules()),
                  tuple(id(t) for t in model.parameters()), tuple(id(t) for t in model.buffers()))
     key = (id(model), structure, layer, methods if isinstance(methods, str) else tuple(methods),
            tuple(sorted(options.items())))

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import _export, methods as _methods, targets
 from .errors import ExportError, InputError
-from .explain import SAMPLE_BATCH, Explainer, Explanation, check_eval_mode, check_finite, draw_noise
+from .explain import SAMPLE_BATCH, Explainer, Explanation, check_eval_mode, check_finite, draw_noise, images_per_call
 
 FORMAT = "fastattr-program/1"
 _EXTRA = "fastattr.json"
@@ -50,6 +50,7 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     # All of an image's points in one graph: the chunk size would be a function of the traced batch size. A
     # loaded export bounds memory by calling the graph on fewer images at once (`_in_chunks`).
     check_eval_mode(model)
+    options = {name: value for name, value in options.items() if name != "sample_batch"}  # the loader's option
     explainer = Explainer(model, layer, methods, **options, sample_batch=None)
     param = next(model.parameters())
     shape = tuple(int(s) for s in input_shape[-3:])
@@ -261,7 +262,7 @@ def _in_chunks(meta: dict, sample_batch: int | None, args: tuple[Tensor, ...], r
     points = max(meta["samples"] if "noise" in meta["inputs"] else 1,
                  meta["steps"] if "completeness" in meta["outputs"] else 1)
     n = args[0].shape[0]
-    step = n if sample_batch is None or points == 1 else max(1, sample_batch // points)
+    step = images_per_call(points, sample_batch, n)
     if step >= n:
         return _explanation(meta, list(run(*args)))
     parts = [list(run(*(a[i:i + step] for a in args))) for i in range(0, n, step)]

@@ -74,7 +74,10 @@ def unpassed_defaults(model: nn.Module) -> dict[str, Any] | None:
     except (TypeError, ValueError):  # a forward without a readable signature: trace it as it is
         return None
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    defaults = {p.name: p.default for p in parameters if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    # Scalars only: torch.fx splits a tuple, list or dict constant into placeholders it then checks against the
+    # whole default, which fails on every call; such an argument keeps its placeholder, as before.
+    scalar = (type(None), bool, int, float, str)
+    defaults = {p.name: p.default for p in parameters if p.kind in kinds and isinstance(p.default, scalar)}
     return defaults or None
 
 

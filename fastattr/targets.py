@@ -87,5 +87,11 @@ def _is_index(value: Any) -> bool:
 def _from_numpy(classes: Any) -> Any:
     """A numpy array as the tensor it is (its dtype checked as a tensor's); anything else as it is."""
     if type(classes).__module__ == "numpy" and hasattr(classes, "ndim") and classes.ndim > 0:
-        return torch.as_tensor(classes)
+        import numpy as np
+
+        try:
+            return torch.as_tensor(np.ascontiguousarray(classes))
+        except (TypeError, ValueError) as exc:
+            raise TargetError(f"classes: a numpy array of dtype {classes.dtype} is not a tensor of class indices "
+                              f"({exc}); pass integers") from None
     return classes

@@ -107,9 +107,17 @@ def test_input_x_gradient_sums_absolute_products_over_channels():
     torch.testing.assert_close(methods.input_x_gradient(images, grads), row(5.0, 4.0), rtol=0, atol=1e-15)
 
 
-def test_smoothgrad_averages_saliency_over_the_samples():
-    noisy = torch.tensor([1.0, -3.0, 3.0, 0.0], dtype=torch.float64).view(1, 2, 1, 1, 1, 2)  # [N, S=2, K, C, 1, 2]
-    torch.testing.assert_close(methods.smoothgrad(noisy), row(2.0, 1.5), rtol=0, atol=1e-15)
+def test_smoothgrad_averages_saliency_over_the_noisy_copies():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    net(torch.zeros(1, 3, 8, 8))
+    net = net.double().eval()
+    x, noise = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 3, 8, 8, dtype=torch.float64)
+    got = fastattr.Explainer(net, methods=("smoothgrad",), samples=3, normalize=False)(x, classes=[1], noise=noise)
+    spread = 0.15 * (x.amax((1, 2, 3)) - x.amin((1, 2, 3))).view(-1, 1, 1, 1)
+    saliency = fastattr.Explainer(net, methods=("saliency",), normalize=False)
+    want = sum(saliency(x + spread * noise[:, s], classes=[1]).maps["saliency"] for s in range(3)) / 3
+    torch.testing.assert_close(got.maps["smoothgrad"], want, rtol=1e-12, atol=1e-14)
 
 
 def test_integrated_gradients_multiplies_the_path_integral_by_the_input_difference():

@@ -46,6 +46,23 @@ def test_a_forward_with_an_optional_argument_is_traced_as_called_and_equals_the_
             np.testing.assert_allclose(out.maps["saliency"][n, j].numpy(), sal, rtol=0, atol=1e-10)
 
 
+class SizedNet(nn.Module):
+    """A forward with a tuple default, which torch.fx would split into checked placeholders."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.resnet18(num_classes=10)
+
+    def forward(self, x, size=(2, 2)):
+        return self.net(nn.functional.interpolate(x, scale_factor=size[0] / 2))
+
+
+def test_a_forward_with_a_tuple_default_is_explained_as_called():
+    net, x = SizedNet().eval(), images(2)
+    out = fastattr.explain(net, x, layer="net.layer4", methods=("gradcam",), k=2)
+    torch.testing.assert_close(out.logits, net(x).detach())
+
+
 def test_guided_backprop_traces_an_optional_argument_as_not_given():
     net, x = masked_net(), images(1, torch.float64)
     assert fastattr.explain(net, x, methods=("guided",)).maps["guided"].shape == (1, 1, 64, 64)
@@ -110,6 +127,12 @@ def test_numpy_class_indices_are_taken_as_the_ints_and_tensors_they_are(numpy_cl
     assert torch.equal(got.maps["gradcam"], want.maps["gradcam"])
 
 
+def test_a_reversed_numpy_view_of_classes_is_taken_as_its_values():
+    net, x = model("resnet18"), images(2)
+    got = fastattr.explain(net, x, layer="layer4", classes=np.array([5, 3])[::-1])
+    assert got.classes.tolist() == [[3], [5]]
+
+
 def test_a_numpy_float_array_of_classes_is_refused_as_a_float_tensor_is():
     with pytest.raises(fastattr.TargetError, match=r"must be an integer tensor, got dtype torch.float64"):
         fastattr.explain(model("resnet18"), images(2), layer="layer4", classes=np.array([1.0, 2.0]))
@@ -145,6 +168,23 @@ def test_a_one_shot_call_reads_weights_changed_in_place():
     with torch.no_grad():
         net.fc.bias.add_(1.0)
     torch.testing.assert_close(fastattr.explain(net, x, layer="layer4").logits, net(x).detach())
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.scale = torchvision.models.resnet18(num_classes=10), 1.0
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+def test_a_one_shot_call_after_a_plain_attribute_changed_reads_the_new_value():
+    fastattr.clear_cache()
+    net, x = Scaled().eval(), images(2)
+    fastattr.explain(net, x, layer="net.layer4")
+    net.scale = 3.0
+    torch.testing.assert_close(fastattr.explain(net, x, layer="net.layer4").logits, net(x).detach())
 
 
 def test_one_shot_calls_with_other_options_get_their_own_explainer():

@@ -123,3 +123,26 @@ def test_a_loaded_export_called_on_fewer_images_at_a_time_gives_the_maps_of_one_
         for method in ("smoothgrad", "ig"):
             torch.testing.assert_close(got.maps[method], want.maps[method], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.completeness, want.completeness, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # torch.compile's capture of the whole graph
+def test_the_compiled_graph_runs_all_points_of_fewer_images_per_call_and_equals_eager():
+    net = model("resnet18")
+    options = dict(methods=("smoothgrad", "ig"), layer="layer4", sample_batch=20, **POINTS)  # 2 images a call
+    eager, compiled = fastattr.Explainer(net, **options), fastattr.Explainer(net, compile={"backend": "eager"}, **options)
+    for n in (2, 5):
+        x = images(n, seed=n)
+        want, got = eager(x, k=2), compiled(x, k=2)
+        assert torch.equal(got.classes, want.classes)
+        for method in ("smoothgrad", "ig"):
+            torch.testing.assert_close(got.maps[method], want.maps[method], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.completeness, want.completeness, rtol=1e-4, atol=1e-4)
+    # Calls of 2 images and of 1 (the last of five): the batch dimension's two graphs, whatever N was.
+    assert {shape[0] for shape, *_ in compiled.compile_seconds} == {1, 2}
+
+
+def test_a_graph_that_runs_all_points_takes_max_1_sample_batch_over_points_images_a_call():
+    from fastattr.explain import images_per_call
+
+    assert [images_per_call(32, 16, 8), images_per_call(8, 16, 8), images_per_call(5, 16, 8)] == [1, 2, 3]
+    assert images_per_call(32, None, 8) == 8 and images_per_call(1, 16, 8) == 8
