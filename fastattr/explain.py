@@ -63,7 +63,7 @@ class Explanation:
 SAMPLING = {"samples": 16, "noise": 0.15, "steps": 32}
 # The most images one chunk of SmoothGrad's or IG's points sends through the network, a run-time option that
 # no export fixes. A chunk of this size is a batch any front end already runs, and chunks this large run
-# about as fast as one pass over all points (benchmarks/results/chunked-sampling).
+# as fast as one pass over all points or faster (benchmarks/results/cpu-sampling.json).
 SAMPLE_BATCH = 16
 
 
