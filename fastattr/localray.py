@@ -18,16 +18,27 @@ from collections.abc import Iterator
 __all__ = ["init_local_ray", "is_loopback"]
 
 
+# Ray Serve kills an HTTP proxy that has not answered its readiness check within 5 s, or its health check three
+# times within 10 s, and `serve.run` then fails with ActorDiedError. On a small machine whose cores are busy (a
+# replica compiling, a test suite beside it) the proxy is alive but slow to be scheduled: CI's run of
+# tests/test_serve_soak.py failed this way on 2 cores. A local instance gives the proxy a minute; a user's own
+# `runtime_env` env_vars still win.
+PATIENT_SERVE_PROXY = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
 def init_local_ray(num_cpus: int, *, loopback: bool = True, **options) -> None:
     """Start a Ray instance on this machine: `ray.init(num_cpus=..., **options)`, without the dashboard. With
     `loopback` (the default) all its processes listen on loopback alone: the GCS, the raylet, the workers, the
     agents and the metrics (Ray's own switch), and Ray Serve's replicas (a setup hook in each worker, whatever
-    `runtime_env` says besides). Without it Ray's servers listen on every interface, as a cluster node's do."""
+    `runtime_env` says besides). Without it Ray's servers listen on every interface, as a cluster node's do. Either
+    way Ray Serve's HTTP proxy is given a minute to answer its checks (`PATIENT_SERVE_PROXY`)."""
     import ray
 
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**PATIENT_SERVE_PROXY, **(runtime_env.get("env_vars") or {})}
     if loopback:
-        options["runtime_env"] = {"worker_process_setup_hook": f"{__name__}._grpc_servers_on_loopback",
-                                  **(options.get("runtime_env") or {})}
+        runtime_env = {"worker_process_setup_hook": f"{__name__}._grpc_servers_on_loopback", **runtime_env}
+    options["runtime_env"] = runtime_env
     with _ray_on_loopback() if loopback else contextlib.nullcontext():
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
 

@@ -83,3 +83,17 @@ def test_the_memory_of_the_server_settles_over_ten_bursts_of_requests_instead_of
     # first did (so a climb of a tenth of the first burst's growth per burst fails), with 16 MB of room for the
     # allocator's noise when the first burst's growth is itself small.
     assert last_five < max(first / 2, 16 * MB), [round(r / MB) for r in rss]
+
+
+@pytest.mark.slow  # uses the live server's Ray instance
+def test_the_local_ray_instance_gives_serves_http_proxy_a_minute_to_answer_its_checks(server):
+    import os
+
+    import ray
+
+    @ray.remote
+    def read_environment(names):
+        return {name: os.environ.get(name) for name in names}
+
+    names = ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"]
+    assert ray.get(read_environment.remote(names)) == dict.fromkeys(names, "60")
