@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
     ex = commands.add_parser("export", help="write the attribution graph as ONNX or a torch.export program")
     add_spec_arguments(ex, model_required=True, exclude=("backend", "compile", "onnx", "device", "sample_batch", "trusted"))
-    ex.add_argument("--with-classes", action="store_true", help="take class indices as a second input")
     ex.add_argument("--format", choices=("onnx", "pt2", "aoti"), default="onnx")
     ex.add_argument("-o", "--output", type=Path, required=True)
     ex.set_defaults(run=export)

@@ -33,3 +33,16 @@ class CompileError(FastattrError, ValueError):
 
 class ExportError(FastattrError, ValueError):
     """A part of the attribution graph that cannot be exported, named with the op."""
+
+
+def at_least(name: str, value, least: float, kind: type = int, error: type[FastattrError] = InputError):
+    """`value` if it is a `kind` (an int, or for float any real number, never a bool) of at least `least`; else
+    `error` naming the option. The one check of every numeric option (a spec's, an Explainer's, a loader's).
+
+    >>> at_least("steps", 8, 1)
+    8
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < least:
+        what = "a number" if kind is float else "an int"
+        raise error(f"{name}: expected {what} >= {least:g}, got {value!r}")
+    return float(value) if kind is float else value

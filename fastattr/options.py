@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from . import zoo
-from .pipeline import BACKENDS, DEFAULTS, Spec
 from .errors import InputError
-from .explain import SAMPLE_BATCH, SAMPLING
-from .methods import METHODS
+from .pipeline import BACKENDS, DEFAULTS, Spec
 
-__all__ = ["add_spec_arguments", "spec_from_args", "usage_error"]
+__all__ = ["ALIASES", "add_spec_arguments", "convert", "spec_from_args", "spec_options", "usage_error"]
 
 
 def usage_error(message: str) -> int:
@@ -27,51 +25,63 @@ def usage_error(message: str) -> int:
     return 2
 
 
+# Two command-line spellings that are not spec fields: --onnx FILE is --model FILE, --compile is --backend compiled.
+ALIASES: dict[str, dict[str, Any]] = {
+    "compile": {"kind": bool, "help": "the same as --backend compiled"},
+    "onnx": {"kind": str, "metavar": "FILE", "help": "the same as --model FILE.onnx"},
+}
+
+
+def spec_options() -> dict[str, dict[str, Any]]:
+    """Every option a front end takes for a spec, by name: the `Spec` fields' declarations (kind, least, help,
+    choices, metavar, default) and the `ALIASES`."""
+    options = {f.name: {**f.metadata, "default": f.default} for f in fields(Spec)}
+    return {**options, **{name: {"default": False if o["kind"] is bool else None, **o} for name, o in ALIASES.items()}}
+
+
 def add_spec_arguments(parser: argparse.ArgumentParser, *, backends: Sequence[str] = BACKENDS,
                        model_required: bool = False, exclude: Sequence[str] = ()) -> None:
-    """Add the options of a `Spec` to `parser`, less those whose names are in `exclude`. Only --model and
-    --device have defaults here: a value not given is the spec's default, or an export file's own."""
-    add = _adder(parser, exclude)
-    add("--model", required=model_required, default=None if model_required else DEFAULTS["model"],
-                        metavar="NAME_OR_FILE",
-                        help=f"{zoo.PRETRAINED} (pretrained, the default), a torchvision model name, or a fastattr "
-                             "export: an .onnx file or a .pt2 program")
-    add("--weights", type=Path, metavar="FILE",
-                        help="a state-dict file for a torchvision model (default: random weights)")
-    add("--layer", help="target layer by module path (default: the model's last feature map)")
-    add("--methods", metavar="LIST",
-                        help=f"comma-separated method names (default: {','.join(DEFAULTS['methods'])}, or an "
-                             f"export's): {', '.join(METHODS)}")
-    add("--k", type=int, help=f"classes explained per image, the top-k (default {DEFAULTS['k']}, "
-                                              "or an export's)")
-    add("--input-size", type=int, metavar="PIXELS",
-                        help=f"images are resized and centre-cropped to this (default {DEFAULTS['input_size']}, "
-                             "or an export's)")
-    add("--device", choices=("cpu", "cuda"), default=DEFAULTS["device"])
-    add("--backend", choices=tuple(backends),
-                        help=f"{', '.join(backends)} (default {DEFAULTS['backend']}; an export file sets its own)")
-    add("--compile", action="store_true", help="the same as --backend compiled")
-    add("--onnx", type=Path, metavar="FILE", help="the same as --model FILE.onnx")
-    add("--samples", type=int,
-                        help=f"smoothgrad: noisy copies per image (default {SAMPLING['samples']}, or an export's)")
-    add("--noise", type=float,
-                        help="smoothgrad: noise std as a fraction of each image's value range (default "
-                             f"{SAMPLING['noise']}, or an export's)")
-    add("--steps", type=int,
-                        help=f"ig: Gauss-Legendre points on the path (default {SAMPLING['steps']}, or an export's)")
-    add("--sample-batch", type=int, metavar="IMAGES",
-                        help="smoothgrad, ig: the most noisy copies or path points one pass sends through the network, "
-                             f"which bounds their memory (default {SAMPLE_BATCH})")
-    add("--trusted", action="store_true",
-                        help="load a .pt2 --model file, which runs code as it is loaded (an AOTInductor package's "
-                             "native library, a torch.export program's pickles): only for files you made or trust")
+    """Add the options of a `Spec` (and `ALIASES`) to `parser`, less those whose names are in `exclude`. Only
+    --model and --device have defaults here: a value not given is the spec's default, or an export file's own."""
+    for name, option in spec_options().items():
+        if name in exclude:
+            continue
+        flag, kind = f"--{name.replace('_', '-')}", option["kind"]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=option["help"])
+            continue
+        arguments = {"help": option["help"], "metavar": option.get("metavar"),
+                     "type": {int: int, float: float}.get(kind, Path if name in ("weights", "onnx") else str)}
+        if name == "backend":  # `fastattr bench` adds plain inference to the backends
+            arguments["choices"] = tuple(backends)
+            arguments["help"] = option["help"].replace(", ".join(BACKENDS), ", ".join(backends), 1)
+        elif option.get("choices"):
+            arguments["choices"] = option["choices"]
+        if name == "model":
+            arguments["required"], arguments["default"] = model_required, None if model_required else option["default"]
+        elif name == "device":
+            arguments["default"] = option["default"]
+        parser.add_argument(flag, **arguments)
 
 
-def _adder(parser: argparse.ArgumentParser, exclude: Sequence[str]):
-    def add(flag: str, **kwargs) -> None:
-        if flag.lstrip("-").replace("-", "_") not in exclude:
-            parser.add_argument(flag, **kwargs)
-    return add
+def convert(name: str, value: Any) -> Any:
+    """A spec option's value from a string (`serve run`'s arguments) or a YAML value, by its declared kind: None,
+    "", "none" and "None" are not given (None), except for a yes/no option; numbers from strings; other values
+    as they are, for the spec to check. Raises ValueError naming what was expected."""
+    kind = spec_options()[name]["kind"]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if value in (None, "", "none", "None"):
+        return None
+    if kind in (int, float) and isinstance(value, str):
+        return kind(value)
+    return str(value) if kind is str else value
 
 
 def spec_from_args(args: argparse.Namespace | Mapping[str, Any], **overrides) -> Spec:

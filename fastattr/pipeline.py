@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import methods as _methods, zoo
-from .errors import InputError
+from .errors import InputError, at_least
 from .explain import SAMPLE_BATCH, SAMPLING, Explainer, Explanation
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
 
@@ -56,61 +56,76 @@ def class_names(num_classes: int) -> tuple[str, ...] | None:
     return zoo.imagenet_classes() if num_classes == 1000 else None
 
 
-def _at_least(name: str, value: Any, low: float, kind: type) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < low:
-        raise InputError(f"{name}: expected {'a number' if kind is float else 'an int'} >= {low}, got {value!r}")
+def _option(default: Any, kind: type, help: str, *, least: float | None = None, choices: Sequence[str] | None = None,
+            metavar: str | None = None) -> Any:
+    """A spec field, declared once with all that reads it needs: `kind` (str, int, float, bool, or tuple for a
+    method list) and `least` (the checks here), `help`, `choices` and `metavar` (the command line's flags, made by
+    `fastattr.options`; the server converts its string arguments by `kind`)."""
+    return field(default=default, metadata={"kind": kind, "least": least, "help": help, "choices": choices,
+                                            "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class Spec:
     """What to explain with. None means: the default (`DEFAULTS`, `SAMPLING`), or what the export file fixed.
+    Each field's `help` (its metadata, and `fastattr explain --help`) says what it is.
 
-    model:      "efficientnet_lite0" (pretrained), a torchvision classification name, or an export file
-    weights:    a state-dict file for a named model (loaded with `weights_only=True`)
-    layer:      target layer's module path (default: `fastattr.default_layer(model)`)
-    methods:    names from `fastattr.METHODS`, as a sequence or "gradcam, saliency"
-    k:          classes explained per image when none are named (the top-k)
-    input_size: images are `[N, 3, input_size, input_size]`
-    device:     "cpu" or "cuda"
-    backend:    "eager", "compiled" (torch.compile), "onnx" (onnxruntime) or "pt2" (a torch.export program);
-                a named model is exported to a temporary file for the last two; an export file sets its own
-    with_classes: an export made on the fly also takes class indices as an input
-    samples, noise, steps: SmoothGrad's and Integrated Gradients' options (see `Explainer`)
-    sample_batch: the most of their sampled images one pass sends through the network (default `SAMPLE_BATCH`;
-                an export file takes it too: it is called on fewer images at once)
-    trusted:    the model file may run code: a .pt2 file is loaded only with it (`fastattr.load_program`)
+    >>> Spec("resnet18", methods="gradcam, saliency", k=5).methods
+    ('gradcam', 'saliency')
     """
 
-    model: str = DEFAULTS["model"]
-    weights: str | None = None
-    layer: str | None = None
-    methods: tuple[str, ...] | None = None
-    k: int | None = None
-    input_size: int | None = None
-    device: str = DEFAULTS["device"]
-    backend: str | None = None
-    with_classes: bool = False
-    samples: int | None = None
-    noise: float | None = None
-    steps: int | None = None
-    sample_batch: int | None = None
-    trusted: bool = False
+    model: str = _option(DEFAULTS["model"], str, metavar="NAME_OR_FILE", help=(
+        f"{zoo.PRETRAINED} (pretrained, the default), a torchvision model name, or a fastattr export: an .onnx file "
+        "or a .pt2 program"))
+    weights: str | None = _option(None, str, metavar="FILE", help=(
+        "a state-dict file for a torchvision model, loaded with weights_only=True (default: random weights)"))
+    layer: str | None = _option(None, str, help="target layer by module path (default: the model's last feature map)")
+    methods: tuple[str, ...] | None = _option(None, tuple, metavar="LIST", help=(
+        f"comma-separated method names (default: {','.join(DEFAULTS['methods'])}, or an export's): "
+        f"{', '.join(_methods.METHODS)}"))
+    k: int | None = _option(None, int, least=1, help=(
+        f"classes explained per image, the top-k (default {DEFAULTS['k']}, or an export's)"))
+    input_size: int | None = _option(None, int, least=1, metavar="PIXELS", help=(
+        f"images are resized and centre-cropped to this (default {DEFAULTS['input_size']}, or an export's)"))
+    device: str = _option(DEFAULTS["device"], str, choices=("cpu", "cuda"), help="cpu or cuda (default cpu)")
+    backend: str | None = _option(None, str, choices=BACKENDS, help=(
+        f"{', '.join(BACKENDS)} (default {DEFAULTS['backend']}): torch.compile for compiled; a named model is "
+        "exported to a temporary file for onnx and pt2; an export file sets its own"))
+    with_classes: bool = _option(False, bool, help=(
+        "an export made from a named model also takes class indices as a second input"))
+    samples: int | None = _option(None, int, least=1, help=(
+        f"smoothgrad: noisy copies per image (default {SAMPLING['samples']}, or an export's)"))
+    noise: float | None = _option(None, float, least=0, help=(
+        f"smoothgrad: noise std as a fraction of each image's value range (default {SAMPLING['noise']}, or an "
+        "export's)"))
+    steps: int | None = _option(None, int, least=1, help=(
+        f"ig: Gauss-Legendre points on the path (default {SAMPLING['steps']}, or an export's)"))
+    window: int | None = _option(None, int, least=1, metavar="PIXELS", help=(
+        f"occlusion: the side of the square window set to the baseline (default {SAMPLING['window']})"))
+    stride: int | None = _option(None, int, least=1, metavar="PIXELS", help=(
+        "occlusion: how far the window moves each step (default: half the window)"))
+    sample_batch: int | None = _option(None, int, least=1, metavar="IMAGES", help=(
+        "smoothgrad, ig, ablationcam, scorecam, occlusion: the most noisy, path or perturbed copies of the images "
+        f"one pass sends through the network, which bounds their memory (default {SAMPLE_BATCH}); an export file "
+        "is called on fewer images at once"))
+    trusted: bool = _option(False, bool, help=(
+        "load a .pt2 model file, which runs code as it is loaded (an AOTInductor package's native library, a "
+        "torch.export program's pickles): only for files you made or trust"))
 
     def __post_init__(self):
         object.__setattr__(self, "model", str(self.model))
         object.__setattr__(self, "weights", None if self.weights is None else str(self.weights))
         object.__setattr__(self, "methods", parse_methods(self.methods))
-        for name in ("k", "input_size", "samples", "steps", "sample_batch"):
-            _at_least(name, getattr(self, name), 1, int)
-        _at_least("noise", self.noise, 0, float)
-        if not isinstance(self.trusted, bool):  # a string "false" would be true
-            raise InputError(f"trusted: expected True or False, got {self.trusted!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise InputError(f"device: expected 'cpu' or 'cuda', got {self.device!r}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for option in fields(self):
+            value, declared = getattr(self, option.name), option.metadata
+            if value is None:
+                continue
+            if declared["least"] is not None:
+                object.__setattr__(self, option.name, at_least(option.name, value, declared["least"], declared["kind"]))
+            elif declared["kind"] is bool and not isinstance(value, bool):  # a string "false" would be true
+                raise InputError(f"{option.name}: expected True or False, got {value!r}")
+            if declared["choices"] and value not in declared["choices"]:
+                raise InputError(f"{option.name}: expected one of {', '.join(declared['choices'])}, got {value!r}")
 
     @property
     def export_file(self) -> Path | None:

@@ -33,7 +33,7 @@ def test_an_unknown_method_in_a_spec_names_the_valid_ones():
 @pytest.mark.parametrize("field,value,message", [
     ("k", 0, "k: expected an int >= 1, got 0"), ("input_size", -3, "input_size: expected an int >= 1, got -3"),
     ("samples", 1.5, "samples: expected an int >= 1, got 1.5"), ("noise", -0.1, "noise: expected a number >= 0"),
-    ("device", "tpu", "device: expected 'cpu' or 'cuda', got 'tpu'"),
+    ("device", "tpu", "device: expected one of cpu, cuda, got 'tpu'"),
     ("backend", "tensorrt", "backend: expected one of eager, compiled, onnx, pt2, got 'tensorrt'"),
 ])
 def test_a_bad_spec_option_is_refused_when_the_spec_is_made(field, value, message):

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from .. import zoo
-from ..pipeline import Pipeline, build, check_trusted, parse_methods
+from ..pipeline import Pipeline, build, check_trusted
 from ..errors import FastattrError, InputError
-from ..options import spec_from_args
+from ..options import convert, spec_from_args, spec_options
 from .batching import Answer, Query, answer_batch
 from .http import RequestError, load_image, parse_query, read_request, to_json
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-__all__ = ["ExplainService", "app", "app_options", "DEFAULTS", "DEPLOYMENT", "SERVER_OPTIONS", "SPEC_OPTIONS"]
+__all__ = ["ExplainService", "app", "app_options", "DEFAULTS", "DEPLOYMENT", "SERVER_OPTIONS"]
 
 log = logging.getLogger("fastattr.serve")
 
@@ -47,21 +47,6 @@ class Option:
     help: str
 
 
-def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """`convert`, reading None, "", "none" and "None" as not given (None)."""
-    return lambda value: None if value in (None, "", "none", "None") else convert(value)
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(value).lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
 # The server's own arguments, declared once: `fastattr serve` makes its options from this table.
 SERVER_OPTIONS: dict[str, Option] = {
     "max_k": Option(5, int, 1, "most classes one request may ask for (default: 5)"),
@@ -72,15 +57,10 @@ SERVER_OPTIONS: dict[str, Option] = {
     "max_pixels": Option(40_000_000, int, 1, "largest image accepted, in pixels (default: 40000000); larger ones get 413"),
     "num_cpus": Option(1.0, float, 0, "each replica's Ray CPU reservation"),
 }
-# A spec's arguments as the app reads them (None: the spec's default, or an export's own).
-SPEC_OPTIONS: dict[str, Callable[[Any], Any]] = {
-    "model": str, "weights": _optional(str), "layer": _optional(str), "methods": _optional(parse_methods),
-    "onnx": _optional(str), "compile": _bool, "device": str, "backend": _optional(str), "input_size": _optional(int),
-    "samples": _optional(int), "noise": _optional(float), "steps": _optional(int), "sample_batch": _optional(int),
-    "trusted": _bool,
-}
-DEFAULTS: dict[str, Any] = {**{name: None for name in SPEC_OPTIONS}, "model": zoo.PRETRAINED, "compile": False,
-                            "device": "cpu", "trusted": False, **{name: o.default for name, o in SERVER_OPTIONS.items()}}
+# The app's arguments: a spec's (`fastattr.options.spec_options`: None is the spec's default, or an export's own),
+# then the server's.
+DEFAULTS: dict[str, Any] = {**{name: option["default"] for name, option in spec_options().items()},
+                            **{name: o.default for name, o in SERVER_OPTIONS.items()}}
 
 
 class ExplainService:
@@ -160,7 +140,7 @@ def app_options(args: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in args.items():
         option = SERVER_OPTIONS.get(name)
         try:
-            options[name] = option.convert(value) if option else SPEC_OPTIONS[name](value)
+            options[name] = option.convert(value) if option else convert(name, value)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"app: {name}={value!r}: {exc}") from None
         if option and options[name] < option.at_least:
