@@ -1,9 +1,14 @@
-"""Shared by tests/ and benchmarks/. Two pytest-xdist workers on two cores each run torch's two threads; an
-OpenMP thread that spins while it waits would take the core the other worker needs, so waiting threads sleep.
-The thread count itself stays torch's own: it sets the float32 summation order that the documented saliency
-tolerances were measured with (tests/test_parity.py)."""
+"""Shared by tests/ and benchmarks/. Under pytest-xdist each worker gets an equal share of the cores for torch's
+threads (one each for the README's two workers on two cores): two workers that each run torch's default of one
+thread per core oversubscribe the cores, and the OpenMP threads' waiting then slows the whole suite (timed with
+and without, on tests/test_parity.py and tests/test_methods.py). Waiting threads sleep rather than spin for the
+same reason. The float32 tolerances documented in
+docs/internals.md hold for either summation order."""
 
 import os
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP, so before torch is imported
+    # Read when torch loads OpenMP, so set before torch is imported; subprocesses the tests start inherit them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -15,8 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
-from . import compiling, graph, methods as _methods, postprocess, targets as _targets, tokens
-from .errors import CompileError, FastattrError, InputError, MethodError
+from . import compiling, graph, methods as _methods, perturb, postprocess, targets as _targets, tokens
+from .errors import CompileError, FastattrError, InputError, MethodError, at_least
 from .graph import OutputSelector
 from .guided import guided_split
 from .layers import default_layer, get_layer
@@ -58,9 +59,9 @@ class Explanation:
 
 
 # SmoothGrad's noisy copies per image and noise (a fraction of each image's value range), Integrated
-# Gradients' quadrature points: the defaults of Explainer and of the command line and serve app's options.
-# An export fixes them.
-SAMPLING = {"samples": 16, "noise": 0.15, "steps": 32}
+# Gradients' quadrature points, occlusion's window and stride (None: half the window), in pixels: the defaults
+# of Explainer and of the command line and serve app's options. An export fixes the first three.
+SAMPLING = {"samples": 16, "noise": 0.15, "steps": 32, "window": 16, "stride": None}
 # The most images one chunk of SmoothGrad's or IG's points sends through the network, a run-time option that
 # no export fixes. A chunk of this size is a batch any front end already runs, and chunks this large run
 # as fast as one pass over all points or faster (benchmarks/results/cpu-sampling.json).
@@ -135,7 +136,8 @@ class Explainer:
                  compile: bool | dict = False, dtype: torch.dtype | None = None,
                  samples: int = SAMPLING["samples"], noise: float = SAMPLING["noise"], seed: int | None = 0,
                  steps: int = SAMPLING["steps"], baseline: float | Tensor = 0.0,
-                 sample_batch: int | None = SAMPLE_BATCH, reshape: tokens.Reshape | None = None):
+                 sample_batch: int | None = SAMPLE_BATCH, window: int = SAMPLING["window"],
+                 stride: int | None = SAMPLING["stride"], reshape: tokens.Reshape | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if k_form not in ("auto", "loop", "vmap"):
@@ -158,6 +160,9 @@ class Explainer:
         self.steps, self.baseline = _count("steps", steps), _baseline(baseline)
         self._path = _methods.gauss_legendre(self.steps)
         self.sample_batch = None if sample_batch is None else _count("sample_batch", sample_batch)
+        self.window = _count("window", window)
+        self.stride = max(1, self.window // 2) if stride is None else _count("stride", stride)
+        self._check_perturbation(reshape, compile)
         self.k_form: graph.KForm = "loop" if k_form == "auto" else k_form
         self._stem = _first(model, nn.modules.conv._ConvNd)
         self._param = next(model.parameters(), None)
@@ -180,6 +185,21 @@ class Explainer:
             self._compiled = compiling.compile_fullgraph(self.attribution, device=device, **options)
             self._cudagraphs = compiling.replays_cuda_graphs(device, **options)
 
+    def _check_perturbation(self, reshape: tokens.Reshape | None, compile: bool | dict) -> None:
+        perturbed = _methods.perturbed(self.methods)
+        if not perturbed:
+            return
+        if compile:
+            raise CompileError(f"compile: {', '.join(perturbed)} run many forwards in chunks, which fastattr does not "
+                               "compile yet; use compile=False for them (an explainer of the other methods compiles)")
+        if "ablated_scores" in self.reads and not self.split.traced:
+            raise MethodError(f"methods: ablationcam runs the model's head above {self.layer!r} on the ablated "
+                              f"activations, which needs a model torch.fx can trace, and {type(self.model).__name__} "
+                              "runs on the eager hook path; use scorecam or a gradient CAM")
+        if "ablated_scores" in self.reads and reshape is not None:
+            raise MethodError("methods: ablationcam zeroes channels of the layer's own activation, whose channel axis "
+                              "fastattr cannot know with reshape=; use scorecam or a gradient CAM")
+
     def __repr__(self) -> str:
         return (f"Explainer({type(self.model).__name__}, layer={self.layer!r}, methods={self.methods}, "
                 f"k_form={self.k_form!r}, traced={self.split.traced})")
@@ -193,7 +213,9 @@ class Explainer:
         target = _targets.resolve(classes, k, images.shape[0], num_classes, images.device)
         if noise is not None:
             self._check_noise(images, noise)
-        if "path_grads" in self.reads and isinstance(self.baseline, Tensor) \
+        if "occlusion_drops" in self.reads:
+            perturb.check_window(self.window, self.stride, tuple(images.shape[-2:]))
+        if self.reads & {"path_grads", "occlusion_drops"} and isinstance(self.baseline, Tensor) \
                 and tuple(self.baseline.shape[-3:]) != tuple(images.shape[1:]):
             raise InputError(f"baseline: shape {list(self.baseline.shape)} does not match the images "
                              f"{list(images.shape[1:])}; give a baseline [C, H, W] of the images' size")
@@ -341,16 +363,34 @@ class Explainer:
                 baseline_logits = self._whole.head(baseline)
             gains = p.logits.gather(1, classes) - baseline_logits.expand(images.shape[0], -1).gather(1, classes)
             completeness = _methods.completeness_error(deltas, values["path_grads"], gains)
+        if reads & _methods.PERTURBED:
+            values.update(self._perturbed(images, acts, p.logits, classes, p.acts.ndim))
         if "guided_grads" in reads:
             values["guided_grads"] = graph.forward_backward(self._guided, images, classes, k, input_grads=True,
                                                             k_form=self.k_form).input_grads
         return p.logits, classes, values, completeness
 
+    def _perturbed(self, images: Tensor, acts: Tensor, logits: Tensor, classes: Tensor, acts_ndim: int) -> dict:
+        """The perturbation passes' reads, each forwarding its copies max(1, sample_batch // N) per image at a
+        time (all at once when sample_batch is None)."""
+        reads, per_chunk = self.reads, self._points_per_chunk(images.shape[0])
+        values = {"class_scores": logits.gather(1, classes)}
+        if "ablated_scores" in reads:
+            channel_axis = 1 if acts_ndim == 4 and not self._layout.channels_last else -1
+            values["ablated_scores"] = perturb.ablated_scores(self.split, images, classes, channel_axis, per_chunk)
+        if "masked_scores" in reads:
+            values["masked_scores"] = perturb.masked_scores(self._whole.head, images, acts, classes, per_chunk)
+        if "occlusion_drops" in reads:
+            values["occlusion_drops"] = perturb.occlusion_drops(self._whole.head, images, classes,
+                                                                values["class_scores"], self.window, self.stride,
+                                                                self.baseline, per_chunk)
+        return values
+
     def _points_per_chunk(self, batch: int) -> int:
         # Whole groups of points for every image: a chunk sends N * per_chunk images through the network, at
         # least one point of each image, so the noise and path slices stay contiguous per image.
         if self.sample_batch is None or self._compiled is not None:
-            return max(self.samples, self.steps)
+            return sys.maxsize if self.reads & _methods.PERTURBED else max(self.samples, self.steps)
         return max(1, self.sample_batch // batch)
 
     def _points_per_image(self) -> int:
@@ -495,15 +535,11 @@ def draw_noise(images: Tensor, samples: int, seed: int | None) -> Tensor:
 
 
 def _count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MethodError(f"{name}: expected an int >= 1, got {value!r}")
-    return value
+    return at_least(name, value, 1, int, MethodError)
 
 
 def _at_least_zero(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise MethodError(f"{name}: expected a number >= 0, got {value!r}")
-    return float(value)
+    return at_least(name, value, 0, float, MethodError)
 
 
 def _baseline(value: float | Tensor) -> float | Tensor:

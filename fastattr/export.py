@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _export, methods as _methods, targets
-from .errors import ExportError, InputError
+from .errors import ExportError, InputError, at_least
 from .explain import SAMPLE_BATCH, Explainer, Explanation, check_eval_mode, check_finite, draw_noise, images_per_call
 
 FORMAT = "fastattr-program/1"
@@ -52,6 +52,10 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     check_eval_mode(model)
     options = {name: value for name, value in options.items() if name != "sample_batch"}  # the loader's option
     explainer = Explainer(model, layer, methods, **options, sample_batch=None)
+    if perturbed := _methods.perturbed(explainer.methods):
+        raise ExportError(f"methods: {', '.join(perturbed)} forward a copy of each image per channel or window, in "
+                          "chunks; fastattr does not export them (the graph would hold every copy's forward): "
+                          "explain them with fastattr.Explainer, and export the other methods")
     param = next(model.parameters())
     shape = tuple(int(s) for s in input_shape[-3:])
     # The tracer gives equal sizes one symbol, so an example batch equal to K, a channel count or the image
@@ -270,9 +274,7 @@ def _in_chunks(meta: dict, sample_batch: int | None, args: tuple[Tensor, ...], r
 
 
 def _check_sample_batch(sample_batch: int | None) -> int | None:
-    if sample_batch is not None and (isinstance(sample_batch, bool) or not isinstance(sample_batch, int) or sample_batch < 1):
-        raise InputError(f"sample_batch: expected an int >= 1 or None, got {sample_batch!r}")
-    return sample_batch
+    return None if sample_batch is None else at_least("sample_batch", sample_batch, 1)
 
 
 def _checked(meta: dict, path: Path) -> dict:

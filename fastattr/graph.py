@@ -38,7 +38,7 @@ from .layers import get_layer
 from .onehot import one_hot
 
 __all__ = ["KForm", "OutputSelector", "Split", "split", "at_input", "Pass", "forward_backward", "grads_at",
-           "folded_grads", "unpassed_defaults"]
+           "folded_grads", "scores_of_copies", "unpassed_defaults"]
 
 KForm = Literal["loop", "vmap"]
 OutputSelector = Callable[[Any], Tensor] | str | int | None
@@ -294,6 +294,24 @@ def folded_grads(s: Split, points: Callable[[int, int], Tensor], fold: Callable[
         share = fold(grads_at(s, points(start, stop), classes, k_form), start, stop)
         total = share if total is None else total + share
     return total
+
+
+def scores_of_copies(forward: Callable[[Tensor], Tensor], copies: Callable[[int, int], Tensor], count: int,
+                     classes: Tensor, per_chunk: int) -> Tensor:
+    """`[N, count, K]`: the scores `forward` gives each image's classes `[N, K]` on `count` copies of it, made
+    `per_chunk` at a time by `copies(start, stop) -> [N, stop - start, ...]`, without autograd.
+
+    Only one chunk of copies is alive at once and only the scores are kept, so memory follows N * per_chunk
+    whatever `count` is.
+    """
+    parts = []
+    with torch.no_grad():
+        for start in range(0, count, per_chunk):
+            x = copies(start, min(start + per_chunk, count))
+            n, p = x.shape[:2]
+            logits = forward(x.flatten(0, 1)).unflatten(0, (n, p))
+            parts.append(logits.gather(2, classes.unsqueeze(1).expand(-1, p, -1)))
+    return torch.cat(parts, 1)
 
 
 def _differentiable(values: tuple[Any, ...]) -> list[int]:

@@ -10,6 +10,10 @@ A method reads some of what the passes produce, batch first, with K explained cl
     deltas        [N, C, H, W]          images - baseline (Integrated Gradients)
     path_grads    [N, K, C, H, W]       the input gradient integrated along baseline -> image, by quadrature
     guided_grads  [N, K, C, H, W]       input gradients with the guided ReLU backward rule
+    class_scores  [N, K]                the explained classes' logits
+    ablated_scores [N, K, C]            the logits with channel c of acts zeroed (`fastattr.perturb`)
+    masked_scores [N, K, C]             the logits of the image times channel c of acts, resized, min-max normalised
+    occlusion_drops [N, K, H, W]        per pixel, the mean logit drop of the occluding windows that cover it
 
 and returns a map `[N, K, h, w]` (layer methods) or `[N, K, H, W]` (input methods); a map `[N, 1, ...]`
 holds for every class. A method touches no hooks, devices or batching; which passes run is decided by the
@@ -128,6 +132,36 @@ def eigencam(acts: Tensor) -> Tensor:
     return principal_projection(acts).relu().unsqueeze(1)
 
 
+# --- perturbation CAMs at a layer (no gradients) --------------------------------------------------------
+
+def ablationcam(acts: Tensor, class_scores: Tensor, ablated_scores: Tensor) -> Tensor:
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020): weights_c = (y - y_c) / y, the relative drop of the class
+    score y when channel c of the layer is zeroed, then ReLU(sum_c weights_c * A_c). A zero score gives
+    weight 0 instead of a division by 0.
+
+    >>> ablationcam(torch.ones(1, 2, 3, 3), torch.full((1, 1), 4.0), torch.tensor([[[3.0, 4.0]]])).shape  # doctest: +SKIP
+    torch.Size([1, 1, 3, 3])
+    """
+    y = class_scores.unsqueeze(-1)
+    weights = torch.where(y == 0, torch.zeros_like(ablated_scores), (y - ablated_scores) / torch.where(y == 0, 1, y))
+    return _cam(weights[..., None, None], acts)
+
+
+def scorecam(acts: Tensor, masked_scores: Tensor) -> Tensor:
+    """Score-CAM (Wang et al., CVPR-W 2020, as pytorch-grad-cam and torchcam compute it): weights_c =
+    softmax_c(y(x * norm(up(A_c)))), the class logit on the image masked by each channel's resized, min-max
+    normalised activation, then ReLU(sum_c weights_c * A_c)."""
+    return _cam(masked_scores.softmax(-1)[..., None, None], acts)
+
+
+# --- perturbation at the input (no gradients) -------------------------------------------------------------
+
+def occlusion(occlusion_drops: Tensor) -> Tensor:
+    """Occlusion (Zeiler & Fergus, ECCV 2014; captum's `Occlusion`): per pixel, the mean drop of the class
+    score over the sliding windows that cover it, each window set to the baseline in every channel."""
+    return occlusion_drops
+
+
 # --- gradients at the input -----------------------------------------------------------------------------
 
 def _channel_abs_sum(attribution: Tensor) -> Tensor:
@@ -214,13 +248,25 @@ METHODS: dict[str, Method] = {
     "layercam": _cam_method(layercam),
     "gradcam-elementwise": _cam_method(gradcam_elementwise),
     "eigencam": Method(eigencam, ("acts",), postprocess.minmax_clamped),
+    "ablationcam": Method(ablationcam, ("acts", "class_scores", "ablated_scores"), postprocess.minmax_clamped),
+    "scorecam": Method(scorecam, ("acts", "masked_scores"), postprocess.minmax_clamped),
     "saliency": _input_method(saliency, "input_grads"),
     "inputxgrad": _input_method(input_x_gradient, "images", "input_grads"),
     "smoothgrad": _input_method(smoothgrad, "noisy_saliency"),
     "ig": _input_method(integrated_gradients, "deltas", "path_grads"),
     "guided": _input_method(guided_backprop, "guided_grads"),
     "guided-gradcam": _input_method(guided_gradcam, "acts", "acts_grads", "guided_grads"),
+    "occlusion": _input_method(occlusion, "occlusion_drops"),
 }
+
+
+# The reads made by forwarding many perturbed copies (`fastattr.perturb`): no gradient, and no export yet.
+PERTURBED = frozenset({"ablated_scores", "masked_scores", "occlusion_drops"})
+
+
+def perturbed(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The named methods that read a perturbation pass (no compile, no export yet)."""
+    return tuple(name for name in names if set(METHODS[name].reads) & PERTURBED)
 
 
 def reads(names: tuple[str, ...]) -> frozenset[str]:

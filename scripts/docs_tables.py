@@ -60,7 +60,8 @@ def methods_table() -> str:
     """The markdown between the methods-table markers (without them), from fastattr.METHODS."""
     from fastattr import METHODS
 
-    layer_reads = {"acts", "acts_grads"}
+    # A map at the layer's resolution reads nothing at the input's.
+    layer_reads = {"acts", "acts_grads", "class_scores", "ablated_scores", "masked_scores"}
     lines = ["| name | map | reads | normalised by | definition |", "|---|---|---|---|---|"]
     for name, method in METHODS.items():
         kind = "layer" if set(method.reads) <= layer_reads else "input"

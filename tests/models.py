@@ -13,7 +13,12 @@ import torch
 import torchvision
 from torch import nn
 
+import fastattr
+from fastattr.methods import perturbed
+
 SIZE = 64
+# The methods that compile and export (the perturbation methods do neither yet).
+EVERY_GRADIENT_METHOD = tuple(m for m in fastattr.METHODS if m not in perturbed(tuple(fastattr.METHODS)))
 
 # name -> (default layer, a layer inside the net where the backward above is substantial)
 ARCHS = {
@@ -28,10 +33,44 @@ ARCHS = {
 }
 
 
+
+def _mini(name: str) -> nn.Module:
+    """The torchvision class of `name` with one or two blocks per stage: every kind of op the full model has
+    (concatenation, squeeze-excitation, SiLU, hardswish, LayerNorm, GELU, layer scale), in a graph a fraction of
+    the size, for the tests whose cost grows with the graph (an ONNX export of densenet121 takes minutes)."""
+    from torchvision.models import convnext, densenet, efficientnet, mobilenetv3, resnet
+
+    if name == "mini-resnet18":
+        return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
+    if name == "mini-densenet121":
+        return densenet.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, bn_size=2)
+    if name == "mini-efficientnet_b0":
+        setting, last_channel = efficientnet._efficientnet_conf("efficientnet_b0", width_mult=1.0, depth_mult=0.25)
+        return efficientnet.EfficientNet(setting, dropout=0.2, last_channel=last_channel)
+    if name == "mini-mobilenet_v3_small":
+        setting, last_channel = mobilenetv3._mobilenet_v3_conf("mobilenet_v3_small")
+        return mobilenetv3.MobileNetV3(setting[:4], last_channel)
+    if name == "mini-convnext_tiny":
+        config = convnext.CNBlockConfig
+        return convnext.ConvNeXt([config(16, 32, 1), config(32, 64, 1), config(64, 128, 1), config(128, None, 1)])
+    raise KeyError(name)
+
+
+# The reduced models, as ARCHS: name -> (default layer, an inner layer).
+MINI_ARCHS = {
+    "mini-resnet18": ("layer4", "layer3"),
+    "mini-mobilenet_v3_small": ("features", "features.3"),
+    "mini-efficientnet_b0": ("features", "features.5"),
+    "mini-densenet121": ("features.denseblock4", "features.denseblock3.denselayer2"),
+    "mini-convnext_tiny": ("features", "features.5.0"),
+}
+
+
 @functools.cache
 def model(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`name` from torchvision (or `MINI_ARCHS`) with random weights and calibrated batch norms, in eval mode."""
     torch.manual_seed(0)
-    net = getattr(torchvision.models, name)().to(dtype)
+    net = (_mini(name) if name in MINI_ARCHS else getattr(torchvision.models, name)()).to(dtype)
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = None

@@ -17,7 +17,8 @@ import fastattr
 from fastattr import bench, cli, files, images, zoo
 from fastattr.pipeline import Spec, build
 
-pytestmark = pytest.mark.slow
+# One worker builds the module's exports (the group keeps the module on one pytest-xdist worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("front-ends")]
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 PHOTOS = [EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png"]

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 import fastattr
-from models import ARCHS, images, model
+from models import ARCHS, EVERY_GRADIENT_METHOD, MINI_ARCHS, images, model
 from test_compile import WRONG_INPUTS, assert_same_explanation
 
-# densenet121 is the slow one: 170 s on the 2-core development machine (make_fx 53 s, torch.onnx's
-# decompositions 51 s, the optimiser most of the rest).
-ONNX_ARCHS = ["resnet18", "vgg11_bn", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "convnext_tiny"]
+# Six architecture families: two whole, four at reduced depth (tests/models.py's MINI_ARCHS: the same classes
+# and ops in a graph a fraction of the size; exporting the whole densenet121 took minutes).
+ONNX_ARCHS = ["resnet18", "vgg11_bn", "mini-mobilenet_v3_small", "mini-efficientnet_b0", "mini-densenet121",
+              "mini-convnext_tiny"]
+LAYERS = {**ARCHS, **MINI_ARCHS}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def exports(tmp_path_factory):
 
     def get(name):
         if name not in paths:
-            paths[name] = fastattr.export_onnx(model(name), folder / f"{name}.onnx", layer=ARCHS[name][1],
+            paths[name] = fastattr.export_onnx(model(name), folder / f"{name}.onnx", layer=LAYERS[name][1],
                                                methods=("gradcam", "saliency"), k=3, input_shape=(3, 64, 64))
         return paths[name]
     return get
@@ -40,7 +42,7 @@ def exports(tmp_path_factory):
 @pytest.mark.parametrize("name", ONNX_ARCHS)
 def test_onnxruntime_equals_the_torch_path_for_batch_1_and_3_from_one_file(exports, name):
     explainer = fastattr.OnnxExplainer(exports(name))
-    eager = fastattr.Explainer(model(name), layer=ARCHS[name][1], methods=("gradcam", "saliency"))
+    eager = fastattr.Explainer(model(name), layer=LAYERS[name][1], methods=("gradcam", "saliency"))
     for n in (1, 3):
         x = images(n, seed=20 + n)
         assert_same_explanation(explainer(x), eager(x, k=3))
@@ -322,13 +324,13 @@ def test_the_classifiers_backward_gathers_the_classes_weight_rows_instead_of_mul
 def test_every_method_exports_to_one_file_whose_outputs_equal_the_torch_path(tmp_path):
     # SmoothGrad's noise is an input of the graph ("noise", [N, samples, C, H, W]); OnnxExplainer draws it from
     # the export's seed as the Explainer does, or takes it from the caller.
-    names = tuple(fastattr.METHODS)
+    names = EVERY_GRADIENT_METHOD
     options = dict(layer="layer4", methods=names, samples=2, steps=2)
-    path = fastattr.export_onnx(model("resnet18"), tmp_path / "all.onnx", k=2, input_shape=(3, 64, 64), **options)
+    path = fastattr.export_onnx(model("mini-resnet18"), tmp_path / "all.onnx", k=2, input_shape=(3, 64, 64), **options)
     explainer = fastattr.OnnxExplainer(path)
     assert explainer.meta["inputs"] == ["images", "noise"]
     assert explainer.meta["outputs"] == ["logits", "classes", *names, "completeness"]
-    eager = fastattr.Explainer(model("resnet18"), **options)
+    eager = fastattr.Explainer(model("mini-resnet18"), **options)
     for n in (1, 3):
         x = images(n, seed=30 + n)
         got, want = explainer(x), eager(x, k=2)

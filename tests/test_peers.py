@@ -264,3 +264,58 @@ def test_eigencam_equals_pytorch_grad_cam_up_to_the_svd_sign(name):
         for j in range(K):  # the same map for every class
             matches = [(ours[n, j] - torch.from_numpy(m[n])).abs().max() <= NORMALISED_TOL for m in (theirs, flipped)]
             assert sum(matches) == 1, f"image {n}, class {j}: matches (pytorch-grad-cam, flipped) = {matches}"
+
+
+# --- perturbation methods -----------------------------------------------------------------------------------
+# pytorch-grad-cam 1.5.7 and captum 0.9 on the same models, images and classes; one image per call of the
+# peers, which loop over images inside. Definitions where they coincide and where they differ:
+# - AblationCAM zeroes a channel when the layer's minimum is exactly 0 (else sets it to min - 1e7): at layers
+#   that end in a ReLU (resnet18 "layer4", vgg11_bn "features", which ends in ReLU + max-pool) the minimum is 0
+#   and the definitions coincide. fastattr always zeroes, as the paper does.
+# - ScoreCAM resizes the activations with UpsamplingBilinear2d (align_corners=True); fastattr, the Score-CAM
+#   authors' code and torchcam resize with half-pixel centres (align_corners=False). The comparison gives
+#   pytorch-grad-cam fastattr's resize, so the rest (min-max masks with + 1e-8, softmax of the logits) is
+#   what is compared.
+# - captum's Occlusion with sliding_window_shapes (3, w, w), strides (3, s, s) and baselines 0 is fastattr's
+#   occlusion with window w, stride s, baseline 0: captum's attribution is the same in every channel.
+PERTURBATION_MODELS = {"resnet18": "layer4", "vgg11_bn": "features"}
+
+
+def one_class_at_a_time(cam_class, net, layer, x, classes, **options):
+    maps = []
+    for j in range(classes.shape[1]):
+        with cam_class(model=net, target_layers=[layer], **options) as cam:
+            maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes[:, j]]))
+    return torch.from_numpy(np.stack(maps, 1))
+
+
+@pytest.mark.slow  # the peer runs the whole network per ablated channel
+@pytest.mark.parametrize("name", PERTURBATION_MODELS)
+def test_ablation_cam_equals_pytorch_grad_cams_where_the_layer_ends_in_a_relu(name):
+    net, x = model(name), images(2)
+    layer = net.get_submodule(PERTURBATION_MODELS[name])
+    out = fastattr.Explainer(net, layer=PERTURBATION_MODELS[name], methods="ablationcam")(x, k=K)
+    theirs = one_class_at_a_time(pytorch_grad_cam.AblationCAM, net, layer, x, out.classes)
+    assert_close_to_peer(renormalised(out.maps["ablationcam"]), theirs, NORMALISED_TOL)
+
+
+@pytest.mark.slow  # a forward per channel
+@pytest.mark.parametrize("name", PERTURBATION_MODELS)
+def test_score_cam_equals_pytorch_grad_cams_given_the_same_resize(name, monkeypatch):
+    net, x = model(name), images(2)
+    layer = net.get_submodule(PERTURBATION_MODELS[name])
+    out = fastattr.Explainer(net, layer=PERTURBATION_MODELS[name], methods="scorecam")(x, k=K)
+    monkeypatch.setattr(torch.nn, "UpsamplingBilinear2d", lambda size: functools.partial(
+        torch.nn.functional.interpolate, size=size, mode="bilinear", align_corners=False))
+    theirs = one_class_at_a_time(pytorch_grad_cam.ScoreCAM, net, layer, x, out.classes)
+    assert_close_to_peer(renormalised(out.maps["scorecam"]), theirs, NORMALISED_TOL)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_occlusion_equals_captums_occlusion(name):
+    net, x = model(name), images(2)
+    out = fastattr.Explainer(net, methods="occlusion", window=16, stride=12, normalize=False)(x, k=K)
+    peer = captum_attr.Occlusion(net)
+    theirs = torch.stack([peer.attribute(x, sliding_window_shapes=(3, 16, 16), strides=(3, 12, 12), baselines=0,
+                                         target=out.classes[:, j])[:, 0] for j in range(K)], 1)
+    assert_close_to_peer(out.maps["occlusion"], theirs)

@@ -108,7 +108,7 @@ def test_a_spec_passes_its_sample_batch_to_the_explainer_and_the_command_line_ha
 
 @pytest.mark.slow  # an ONNX export
 def test_a_loaded_export_called_on_fewer_images_at_a_time_gives_the_maps_of_one_call(tmp_path):
-    net = model("resnet18")
+    net = model("mini-resnet18")
     path = fastattr.export_onnx(net, tmp_path / "sg-ig.onnx", methods=("smoothgrad", "ig"), k=2,
                                 input_shape=(3, 64, 64), **POINTS)
     x = images(5)

@@ -1,0 +1,113 @@
+"""The perturbation passes: many perturbed copies of each image (or of its activation at the layer) sent
+forward, in chunks, and the explained classes' scores read from each copy.
+
+Every pass here is forward-only and runs its copies through `graph.scores_of_copies`, at most `per_chunk`
+copies per image at a time, so memory follows a chunk whatever the number of copies, and only the `[N, P, K]`
+scores are kept. The clean forward is not repeated: its scores come from the pass every method shares.
+
+    ablated_scores   [N, K, C]       Ablation-CAM: the head above the layer, channel c of the activation zeroed
+    masked_scores    [N, K, C]       Score-CAM: the whole model on the image times channel c's upsampled,
+                                     min-max normalised activation
+    occlusion_drops  [N, K, H, W]    occlusion: per pixel, the mean score drop of the windows that cover it
+
+>>> drops = occlusion_drops(forward, images, classes, scores, window=16, stride=8, baseline=0.0, per_chunk=16)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import MethodError
+from .graph import Split, scores_of_copies
+
+__all__ = ["ablated_scores", "masked_scores", "occlusion_drops", "window_starts", "check_window"]
+
+
+def ablated_scores(s: Split, images: Tensor, classes: Tensor, channel_axis: int, per_chunk: int) -> Tensor:
+    """`[N, K, C]`: the classes' scores with channel c of the layer's activation set to 0, by the head alone.
+
+    The trunk runs once (without autograd); each chunk repeats the activation P times, zeroes channel
+    `start + p` of copy p, and runs the head on the N * P copies. Values the head reads from below the layer
+    (skip connections) are repeated with them.
+    """
+    with torch.no_grad():
+        acts, *carried = s.trunk(images)
+    n, channels = acts.shape[0], acts.shape[channel_axis]
+    axis = channel_axis % acts.ndim
+
+    def head(copies: Tensor) -> Tensor:
+        repeat = copies.shape[0] // n
+        return s.head(copies, *(c.repeat_interleave(repeat, 0) if isinstance(c, Tensor) and c.ndim and c.shape[0] == n
+                                else c for c in carried))
+
+    def copies(start: int, stop: int) -> Tensor:
+        keep = 1 - F.one_hot(torch.arange(start, stop, device=acts.device), channels).to(acts.dtype)  # [P, C]
+        shape = [1] * (acts.ndim + 1)
+        shape[1], shape[axis + 1] = stop - start, channels
+        return acts.unsqueeze(1) * keep.view(shape)
+
+    return scores_of_copies(head, copies, channels, classes, per_chunk).transpose(1, 2)
+
+
+def masked_scores(forward: Callable[[Tensor], Tensor], images: Tensor, acts: Tensor, classes: Tensor,
+                  per_chunk: int) -> Tensor:
+    """`[N, K, C]`: the classes' scores on the image times each channel of `acts [N, C, h, w]`, resized
+    bilinearly to the image (half-pixel centres) and min-max normalised to [0, 1] (Score-CAM's masks). A
+    chunk resizes only its own channels, so no `[N, C, H, W]` mask stack is held."""
+    size = images.shape[-2:]
+
+    def copies(start: int, stop: int) -> Tensor:
+        masks = F.interpolate(acts[:, start:stop], size=size, mode="bilinear", align_corners=False)
+        flat = masks.flatten(2)
+        lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+        # A constant channel has no mask to give: 0 / eps leaves its copy black, as the peers' + 1e-8 does.
+        masks = (masks - lo) / (hi - lo + 1e-8)
+        return images.unsqueeze(1) * masks.unsqueeze(2)
+
+    return scores_of_copies(forward, copies, acts.shape[1], classes, per_chunk).transpose(1, 2)
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Where the windows along one side start: every `stride` pixels, ceil((size - window) / stride) + 1 of
+    them as captum's `Occlusion` places them; the last one may reach past the edge and is cut there."""
+    return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
+
+
+def check_window(window: int, stride: int, size: tuple[int, int]) -> None:
+    """Refuse a window larger than the image."""
+    if window > min(size):
+        raise MethodError(f"window: {window} pixels is larger than the images ({size[0]}x{size[1]}); pass a window "
+                          f"of at most {min(size)}")
+
+
+def _cover(size: int, window: int, stride: int, like: Tensor) -> Tensor:
+    """`[W, size]`: 1 where window w covers the pixel."""
+    starts = torch.tensor(window_starts(size, window, stride), device=like.device)
+    pixels = torch.arange(size, device=like.device)
+    return ((pixels >= starts[:, None]) & (pixels < starts[:, None] + window)).to(like.dtype)
+
+
+def occlusion_drops(forward: Callable[[Tensor], Tensor], images: Tensor, classes: Tensor, scores: Tensor,
+                    window: int, stride: int, baseline: float | Tensor, per_chunk: int) -> Tensor:
+    """`[N, K, H, W]`: the score drop `scores - score(occluded)` of every square `window` (sliding by `stride`,
+    all channels) set to `baseline`, averaged per pixel over the windows that cover it (captum's `Occlusion`
+    with window (C, window, window) and strides (C, stride, stride)). `scores [N, K]` are the clean scores."""
+    h, w = images.shape[-2:]
+    rows, cols = _cover(h, window, stride, images), _cover(w, window, stride, images)  # [R, H], [Q, W]
+    base = baseline.to(images).view(1, 1, *images.shape[1:]) if isinstance(baseline, Tensor) else baseline
+
+    def copies(start: int, stop: int) -> Tensor:
+        index = torch.arange(start, stop, device=images.device)
+        masks = (rows[index // cols.shape[0]][:, :, None] * cols[index % cols.shape[0]][:, None, :])  # [P, H, W]
+        masks = masks[None, :, None]
+        return images.unsqueeze(1) * (1 - masks) + base * masks
+
+    occluded = scores_of_copies(forward, copies, rows.shape[0] * cols.shape[0], classes, per_chunk)  # [N, R*Q, K]
+    drops = (scores.unsqueeze(1) - occluded).unflatten(1, (rows.shape[0], cols.shape[0]))  # [N, R, Q, K]
+    total = torch.einsum("nrqk,rh,qw->nkhw", drops, rows, cols)
+    return total / (rows.sum(0)[:, None] * cols.sum(0)[None, :])

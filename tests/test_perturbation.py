@@ -1,0 +1,331 @@
+"""Ablation-CAM, Score-CAM and occlusion: forward-only methods over many perturbed copies, run in chunks.
+
+A tiny hand-weighted net gives each map by hand; a hook-based reference written here (one perturbed copy at a
+time, through the whole model) gives them on real architectures in float64; chunks of any size give the maps
+of one pass; memory does not grow with the number of copies. The peers' versions are compared in
+tests/test_peers.py.
+"""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastattr
+from fastattr.methods import PERTURBED
+from models import images, model
+
+PERTURBATION_METHODS = ("ablationcam", "scorecam", "occlusion")
+
+
+# --- a net small enough to work by hand --------------------------------------------------------------------
+
+def tiny_net() -> nn.Module:
+    """x (1 channel, 2x2) -> A = ReLU(conv1x1(x)) with A_0 = x and A_1 = ReLU(5 - x) -> mean per channel
+    m = (m_0, m_1) -> logits (m_0 + 2 m_1, 2 m_0 - m_1)."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        net[0].bias.copy_(torch.tensor([0.0, 5.0]))
+        net[4].weight.copy_(torch.tensor([[1.0, 2.0], [2.0, -1.0]]))
+    return net.double().eval()
+
+
+X = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64).view(1, 1, 2, 2)
+RAW = dict(layer="1", normalize=False, upsample=False)
+BOTH = torch.tensor([[0, 1]])  # explain both classes of the one image
+
+
+def test_ablation_cam_weighs_each_channel_by_the_relative_score_drop_its_zeroing_causes():
+    # A_0 = x, A_1 = 5 - x, m = (2.5, 2.5): logits (7.5, 2.5).
+    # Class 0: zeroing A_0 gives 5.0 -> w_0 = (7.5 - 5) / 7.5 = 1/3; zeroing A_1 gives 2.5 -> w_1 = 2/3;
+    #   map = 1/3 x + 2/3 (5 - x) = (10 - x) / 3.
+    # Class 1: zeroing A_0 gives -2.5 -> w_0 = (2.5 + 2.5) / 2.5 = 2; zeroing A_1 gives 5 -> w_1 = -1;
+    #   map = ReLU(2 x - (5 - x)) = ReLU(3 x - 5).
+    out = fastattr.Explainer(tiny_net(), methods="ablationcam", **RAW)(X, classes=BOTH)
+    x = X[0, 0]
+    torch.testing.assert_close(out.maps["ablationcam"][0, 0], (10 - x) / 3)
+    torch.testing.assert_close(out.maps["ablationcam"][0, 1], (3 * x - 5).relu())
+    assert out.maps["ablationcam"][0, 1].tolist() == [[0.0, 1.0], [4.0, 7.0]]
+
+
+def test_score_cam_weighs_each_channel_by_the_softmax_of_the_scores_of_the_image_it_masks():
+    # The layer is 2x2 like the image, so each mask is its channel min-max normalised:
+    #   M_0 = (x - 1) / 3, M_1 = (A_1 - 1) / 3 = (4 - x) / 3.
+    # x * M_0 = [[0, 2/3], [2, 4]]: m = (5/3, 10/3) -> logits (25/3, 0).
+    # x * M_1 = [[1, 4/3], [1, 0]]: m = (5/6, 25/6) -> logits (55/6, -5/2).
+    # Class 0: w = softmax(25/3, 55/6); class 1: w = softmax(0, -5/2). Map = ReLU(w_0 x + w_1 (5 - x)).
+    out = fastattr.Explainer(tiny_net(), methods="scorecam", **RAW)(X, classes=BOTH)
+    x = X[0, 0]
+    for j, scores in enumerate([(25 / 3, 55 / 6), (0.0, -5 / 2)]):
+        w0, w1 = (math.exp(s) / sum(math.exp(t) for t in scores) for s in scores)
+        # the masks divide by max - min + 1e-8, as the peers' do
+        torch.testing.assert_close(out.maps["scorecam"][0, j], (w0 * x + w1 * (5 - x)).relu(), rtol=0, atol=1e-7)
+
+
+def test_occlusion_of_single_pixels_gives_each_pixels_own_score_drop():
+    # Setting pixel p to 0 lowers m_0 by x_p / 4 and raises m_1 by x_p / 4 (A_1 becomes 5 there):
+    # class 0's logit drops by x_p / 4 - 2 x_p / 4 = -x_p / 4, class 1's by 2 x_p / 4 + x_p / 4 = 3 x_p / 4.
+    out = fastattr.Explainer(tiny_net(), methods="occlusion", window=1, stride=1, normalize=False)(X, classes=BOTH)
+    torch.testing.assert_close(out.maps["occlusion"][0], torch.stack([-X[0, 0] / 4, 3 * X[0, 0] / 4]))
+
+
+def test_one_window_over_the_whole_image_gives_every_pixel_its_drop():
+    # The whole image at 0: m = (0, 5), logits (10, -5); drops 7.5 - 10 = -2.5 and 2.5 + 5 = 7.5.
+    out = fastattr.Explainer(tiny_net(), methods="occlusion", window=2, normalize=False)(X, classes=BOTH)
+    assert out.maps["occlusion"][0].tolist() == [[[-2.5, -2.5], [-2.5, -2.5]], [[7.5, 7.5], [7.5, 7.5]]]
+
+
+def test_occlusion_averages_over_the_windows_that_cover_a_pixel_and_cuts_windows_at_the_edge():
+    # A 3-pixel side, window 2, stride 2: windows start at 0 and 2 (captum's ceil((3 - 2) / 2) + 1 = 2),
+    # the second cut to one pixel. On a linear net y = sum(x), a window's drop is the sum of what it covers.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(9, 1, bias=False)).double().eval()
+    nn.init.ones_(net[1].weight)
+    x = torch.arange(1.0, 10.0, dtype=torch.float64).view(1, 1, 3, 3)
+    out = fastattr.Explainer(net, methods="occlusion", window=2, stride=2, normalize=False)(x, k=1)
+    # windows: rows {0,1} or {2} x cols {0,1} or {2}; each pixel is covered by exactly one.
+    expected = torch.tensor([[12.0, 12.0, 9.0], [12.0, 12.0, 9.0], [15.0, 15.0, 9.0]], dtype=torch.float64)
+    torch.testing.assert_close(out.maps["occlusion"][0, 0], expected)
+
+
+def test_overlapping_windows_average_their_drops():
+    # Window 2, stride 1 on a 3-pixel side: rows {0,1} and {1,2}; the centre pixel is covered by all 4 windows.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(9, 1, bias=False)).double().eval()
+    nn.init.ones_(net[1].weight)
+    x = torch.arange(1.0, 10.0, dtype=torch.float64).view(1, 1, 3, 3)
+    out = fastattr.Explainer(net, methods="occlusion", window=2, stride=1, normalize=False)(x, k=1)
+    window_sums = [[1 + 2 + 4 + 5, 2 + 3 + 5 + 6], [4 + 5 + 7 + 8, 5 + 6 + 8 + 9]]  # 12, 16, 24, 28
+    assert out.maps["occlusion"][0, 0, 1, 1].item() == sum(map(sum, window_sums)) / 4
+    assert out.maps["occlusion"][0, 0, 0, 0].item() == 12.0
+
+
+# --- a hook-based reference on real architectures, float64 --------------------------------------------------
+
+def layer_output(net, layer, x):
+    seen = []
+    handle = net.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            logits = net(x)
+    finally:
+        handle.remove()
+    return logits, seen[0]
+
+
+def reference_ablation_cam(net, layer, x, classes):
+    """Channel by channel, the whole model with a hook zeroing that channel of the layer's output."""
+    logits, acts = layer_output(net, layer, x)
+    clean = logits.gather(1, classes)
+    ablated = []
+    for c in range(acts.shape[1]):
+        def zero(module, inputs, output, c=c):
+            output = output.clone()
+            output[:, c] = 0
+            return output
+        handle = net.get_submodule(layer).register_forward_hook(zero)
+        try:
+            with torch.no_grad():
+                ablated.append(net(x).gather(1, classes))
+        finally:
+            handle.remove()
+    weights = (clean.unsqueeze(-1) - torch.stack(ablated, -1)) / clean.unsqueeze(-1)  # [N, K, C]
+    return torch.einsum("nkc,nchw->nkhw", weights, acts).relu()
+
+
+def reference_score_cam(net, layer, x, classes):
+    _, acts = layer_output(net, layer, x)
+    scores = []
+    for c in range(acts.shape[1]):
+        mask = F.interpolate(acts[:, c:c + 1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        lo, hi = mask.amin((2, 3), keepdim=True), mask.amax((2, 3), keepdim=True)
+        with torch.no_grad():
+            scores.append(net(x * (mask - lo) / (hi - lo + 1e-8)).gather(1, classes))
+    weights = torch.stack(scores, -1).softmax(-1)
+    return torch.einsum("nkc,nchw->nkhw", weights, acts).relu()
+
+
+def reference_occlusion(net, x, classes, window, stride, baseline=0.0):
+    """Window by window, as captum's Occlusion places them: the drop added to the pixels it covers."""
+    with torch.no_grad():
+        clean = net(x).gather(1, classes)
+    h, w = x.shape[-2:]
+    total = torch.zeros(x.shape[0], classes.shape[1], h, w, dtype=x.dtype)
+    count = torch.zeros(h, w, dtype=x.dtype)
+    for top in range(0, math.ceil((h - window) / stride) * stride + 1, stride):
+        for left in range(0, math.ceil((w - window) / stride) * stride + 1, stride):
+            occluded = x.clone()
+            occluded[..., top:top + window, left:left + window] = baseline
+            with torch.no_grad():
+                drop = clean - net(occluded).gather(1, classes)
+            total[..., top:top + window, left:left + window] += drop[..., None, None]
+            count[top:top + window, left:left + window] += 1
+    return total / count
+
+
+LAYERS = {"resnet18": "layer3", "mobilenet_v3_small": "features.9"}
+
+
+@pytest.mark.slow  # a forward per channel, twice
+@pytest.mark.parametrize("arch", LAYERS)
+def test_ablation_cam_equals_zeroing_each_channel_by_a_hook_through_the_whole_model(arch):
+    net, x = model(arch, torch.float64), images(2, torch.float64)
+    out = fastattr.Explainer(net, layer=LAYERS[arch], methods="ablationcam", normalize=False, upsample=False)(x, k=2)
+    want = reference_ablation_cam(net, LAYERS[arch], x, out.classes)
+    assert want.std() > 0
+    torch.testing.assert_close(out.maps["ablationcam"], want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow  # a forward per channel, twice
+@pytest.mark.parametrize("arch", LAYERS)
+def test_score_cam_equals_masking_the_image_by_each_channel_one_at_a_time(arch):
+    net, x = model(arch, torch.float64), images(2, torch.float64)
+    out = fastattr.Explainer(net, layer=LAYERS[arch], methods="scorecam", normalize=False, upsample=False)(x, k=2)
+    want = reference_score_cam(net, LAYERS[arch], x, out.classes)
+    assert want.std() > 0
+    torch.testing.assert_close(out.maps["scorecam"], want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", LAYERS)
+def test_occlusion_equals_occluding_one_window_at_a_time(arch):
+    net, x = model(arch, torch.float64), images(2, torch.float64)
+    out = fastattr.Explainer(net, methods="occlusion", window=24, stride=20, normalize=False)(x, k=2)
+    want = reference_occlusion(net, x, out.classes, 24, 20)
+    assert want.std() > 0
+    torch.testing.assert_close(out.maps["occlusion"], want, rtol=1e-9, atol=1e-12)
+
+
+def test_occlusion_takes_a_baseline_image():
+    net, x = model("resnet18", torch.float64), images(1, torch.float64)
+    baseline = torch.rand(3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out = fastattr.Explainer(net, methods="occlusion", window=32, stride=32, baseline=baseline, normalize=False)(x, k=1)
+    occluded = x.clone()
+    occluded[..., :32, :32] = baseline[:, :32, :32]
+    with torch.no_grad():
+        drop = net(x)[0, out.classes[0, 0]] - net(occluded)[0, out.classes[0, 0]]
+    torch.testing.assert_close(out.maps["occlusion"][0, 0, 5, 7], drop)
+
+
+# --- chunks and memory -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sample_batch", [1, 5, 16])
+def test_chunked_perturbation_maps_equal_one_pass_over_all_copies(sample_batch):
+    net, x = model("mini-mobilenet_v3_small", torch.float64), images(2, torch.float64)
+    options = dict(layer="features.3", methods=PERTURBATION_METHODS, window=16, stride=12)  # 40 channels
+    whole = fastattr.Explainer(net, sample_batch=None, **options)(x, k=2)
+    chunked = fastattr.Explainer(net, sample_batch=sample_batch, **options)(x, k=2)
+    for method in PERTURBATION_METHODS:
+        torch.testing.assert_close(chunked.maps[method], whole.maps[method], rtol=0, atol=1e-12)
+        assert whole.maps[method].std() > 0.01
+
+
+def test_perturbation_methods_share_one_call_with_the_gradient_methods():
+    net, x = model("mini-mobilenet_v3_small"), images(2)
+    methods = ("gradcam", "ablationcam", "scorecam", "occlusion", "saliency")
+    together = fastattr.Explainer(net, layer="features.3", methods=methods)(x, k=2)
+    for method in methods:
+        alone = fastattr.Explainer(net, layer="features.3", methods=(method,))(x, classes=together.classes)
+        torch.testing.assert_close(together.maps[method], alone.maps[method], rtol=0, atol=1e-6)
+
+
+PEAK = textwrap.dedent("""
+    import json, sys
+    import torch, torchvision
+    import fastattr
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    stride, sample_batch = int(sys.argv[1]), json.loads(sys.argv[2])
+    x = torch.randn(1, 3, 96, 96)
+    explainer = fastattr.Explainer(net, methods="occlusion", window=8, stride=stride, sample_batch=sample_batch)
+    fastattr.Explainer(net, methods="occlusion", window=8, stride=88, sample_batch=sample_batch)(x)  # warm
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    explainer(x)
+    print(json.dumps((status("VmHWM") - before) / 1024))
+""")
+
+
+def added_peak_mib(stride: int, sample_batch: int | None) -> float:
+    out = subprocess.run([sys.executable, "-c", PEAK, str(stride), json.dumps(sample_batch)], capture_output=True,
+                         text=True, check=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak with Linux's VmHWM")
+def test_peak_memory_of_529_occluded_copies_stays_that_of_one_chunk():
+    # 96x96, window 8: stride 4 places ceil(88 / 4) + 1 = 23 windows a side, 529 copies; stride 32 places 4, 16.
+    few, many = added_peak_mib(32, 16), added_peak_mib(4, 16)
+    unchunked = added_peak_mib(4, None)
+    assert unchunked > 3 * max(few, 50), (few, many, unchunked)
+    assert many < 1.25 * few + 40, (few, many, unchunked)
+
+
+# --- options and refusals ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option,bad", [("window", 0), ("window", 2.5), ("stride", 0), ("stride", -3)])
+def test_a_window_or_stride_that_is_not_a_positive_int_is_refused(option, bad):
+    with pytest.raises(fastattr.MethodError, match=rf"{option}: expected an int >= 1, got {bad}"):
+        fastattr.Explainer(tiny_net(), methods="occlusion", **{option: bad})
+
+
+def test_a_window_larger_than_the_image_is_refused_before_any_forward():
+    with pytest.raises(fastattr.MethodError, match=r"window: 3 pixels is larger than the images \(2x2\); pass a "
+                                                   r"window of at most 2"):
+        fastattr.Explainer(tiny_net(), methods="occlusion", window=3)(X)
+
+
+def test_the_stride_defaults_to_half_the_window():
+    assert fastattr.Explainer(tiny_net(), methods="occlusion", window=9).stride == 4
+
+
+@pytest.mark.parametrize("method", PERTURBATION_METHODS)
+def test_perturbation_methods_are_refused_by_compile_with_the_way_out(method):
+    with pytest.raises(fastattr.CompileError, match=rf"compile: {method} run many forwards in chunks"):
+        fastattr.Explainer(tiny_net(), layer="1", methods=(method, "gradcam"), compile=True)
+
+
+@pytest.mark.parametrize("method", PERTURBATION_METHODS)
+def test_perturbation_methods_are_refused_by_export_naming_them(method, tmp_path):
+    with pytest.raises(fastattr.ExportError, match=rf"methods: {method} forward a copy of each image"):
+        fastattr.export_onnx(tiny_net().float(), tmp_path / "t.onnx", layer="1", methods=(method,), k=1,
+                             input_shape=(1, 2, 2))
+
+
+def test_ablation_cam_on_a_model_torch_fx_cannot_trace_is_refused_naming_the_way_out():
+    from test_no_side_effects import Branchy
+
+    with pytest.warns(UserWarning, match="eager hook path"):
+        with pytest.raises(fastattr.MethodError, match=r"ablationcam runs the model's head .* use scorecam"):
+            fastattr.Explainer(Branchy().eval(), layer="features", methods="ablationcam")
+
+
+def test_score_cam_and_occlusion_run_on_the_eager_hook_path():
+    from test_no_side_effects import Branchy
+
+    torch.manual_seed(0)
+    net, x = Branchy().double().eval(), images(1, torch.float64)
+    with pytest.warns(UserWarning, match="eager hook path"):
+        explainer = fastattr.Explainer(net, layer="features", methods=("scorecam", "occlusion"), window=32,
+                                       normalize=False, upsample=False)
+    out = explainer(x, k=1)
+    torch.testing.assert_close(out.maps["scorecam"], reference_score_cam(net, "features", x, out.classes))
+    torch.testing.assert_close(out.maps["occlusion"], reference_occlusion(net, x, out.classes, 32, 16))
+
+
+def test_the_registry_marks_exactly_the_perturbation_methods():
+    marked = [m for m, method in fastattr.METHODS.items() if set(method.reads) & PERTURBED]
+    assert marked == list(PERTURBATION_METHODS)
