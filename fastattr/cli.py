@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.set_defaults(run=serve_command.run)
 
     ex = commands.add_parser("export", help="write the attribution graph as ONNX or a torch.export program")
-    add_spec_arguments(ex, model_required=True, exclude=("backend", "compile", "onnx", "device", "sample_batch", "trusted"))
+    add_spec_arguments(ex, model_required=True, exclude=("backend", "compile", "onnx", "device", "sample_batch", "trusted",
+                                                              "window", "stride"))
     ex.add_argument("--format", choices=("onnx", "pt2", "aoti"), default="onnx")
     ex.add_argument("-o", "--output", type=Path, required=True)
     ex.set_defaults(run=export)

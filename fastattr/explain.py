@@ -59,11 +59,13 @@ class Explanation:
 
 
 # SmoothGrad's noisy copies per image and noise (a fraction of each image's value range), Integrated
-# Gradients' quadrature points, occlusion's window and stride (None: half the window), in pixels: the defaults
-# of Explainer and of the command line and serve app's options. An export fixes the first three.
-SAMPLING = {"samples": 16, "noise": 0.15, "steps": 32, "window": 16, "stride": None}
-# The most images one chunk of SmoothGrad's or IG's points sends through the network, a run-time option that
-# no export fixes. A chunk of this size is a batch any front end already runs, and chunks this large run
+# Gradients' quadrature points: the defaults of Explainer and of the command line and serve app's options.
+# An export fixes them.
+SAMPLING = {"samples": 16, "noise": 0.15, "steps": 32}
+# Occlusion's window and stride (None: half the window), in pixels; no export holds occlusion.
+OCCLUSION = {"window": 16, "stride": None}
+# The most images one chunk of SmoothGrad's or IG's points, or of the perturbation methods' copies, sends
+# through the network, a run-time option that no export fixes. A chunk of this size is a batch any front end already runs, and chunks this large run
 # as fast as one pass over all points or faster (benchmarks/results/cpu-sampling.json).
 SAMPLE_BATCH = 16
 
@@ -108,8 +110,12 @@ class Explainer:
             from on every call (so an image explained twice gets the same map; None: torch's global RNG).
             Pass `noise=` to a call to give the draw `[N, samples, C, H, W]` yourself.
         steps, baseline: Integrated Gradients' Gauss-Legendre points on the path from `baseline` (a number,
-            or a tensor `[C, H, W]`) to the image, as captum's default method places them.
-        sample_batch: the most images one chunk of SmoothGrad's or IG's pass sends through the network. The
+            or a tensor `[C, H, W]`) to the image, as captum's default method places them; occlusion sets its
+            windows to the same baseline.
+        window, stride: occlusion's square window and how far it slides (default half the window), in pixels,
+            as captum's `Occlusion` places them.
+        sample_batch: the most images one chunk of SmoothGrad's or IG's pass, or of the perturbation methods'
+            copies (ablationcam, scorecam, occlusion), sends through the network. The
             N * samples (N * steps) points run in chunks of max(1, sample_batch // N) points per image, one
             chunk's autograd state alive at a time, so memory stays that of a batch of max(N, sample_batch)
             whatever `samples` and `steps` are; the maps equal one unchunked pass up to summation order.
@@ -136,8 +142,8 @@ class Explainer:
                  compile: bool | dict = False, dtype: torch.dtype | None = None,
                  samples: int = SAMPLING["samples"], noise: float = SAMPLING["noise"], seed: int | None = 0,
                  steps: int = SAMPLING["steps"], baseline: float | Tensor = 0.0,
-                 sample_batch: int | None = SAMPLE_BATCH, window: int = SAMPLING["window"],
-                 stride: int | None = SAMPLING["stride"], reshape: tokens.Reshape | None = None):
+                 sample_batch: int | None = SAMPLE_BATCH, window: int = OCCLUSION["window"],
+                 stride: int | None = OCCLUSION["stride"], reshape: tokens.Reshape | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if k_form not in ("auto", "loop", "vmap"):
@@ -364,20 +370,21 @@ class Explainer:
             gains = p.logits.gather(1, classes) - baseline_logits.expand(images.shape[0], -1).gather(1, classes)
             completeness = _methods.completeness_error(deltas, values["path_grads"], gains)
         if reads & _methods.PERTURBED:
-            values.update(self._perturbed(images, acts, p.logits, classes, p.acts.ndim))
+            values.update(self._perturbed(images, acts, p, classes))
         if "guided_grads" in reads:
             values["guided_grads"] = graph.forward_backward(self._guided, images, classes, k, input_grads=True,
                                                             k_form=self.k_form).input_grads
         return p.logits, classes, values, completeness
 
-    def _perturbed(self, images: Tensor, acts: Tensor, logits: Tensor, classes: Tensor, acts_ndim: int) -> dict:
+    def _perturbed(self, images: Tensor, acts: Tensor, p: graph.Pass, classes: Tensor) -> dict:
         """The perturbation passes' reads, each forwarding its copies max(1, sample_batch // N) per image at a
-        time (all at once when sample_batch is None)."""
+        time (all at once when sample_batch is None). `acts` is the layer's output as a grid, `p` the shared pass."""
         reads, per_chunk = self.reads, self._points_per_chunk(images.shape[0])
-        values = {"class_scores": logits.gather(1, classes)}
+        values = {"class_scores": p.logits.gather(1, classes)}
         if "ablated_scores" in reads:
-            channel_axis = 1 if acts_ndim == 4 and not self._layout.channels_last else -1
-            values["ablated_scores"] = perturb.ablated_scores(self.split, images, classes, channel_axis, per_chunk)
+            channel_axis = 1 if p.acts.ndim == 4 and not self._layout.channels_last else -1
+            values["ablated_scores"] = perturb.ablated_scores(self.split, p.acts, p.carried, images, classes,
+                                                              channel_axis, per_chunk)
         if "masked_scores" in reads:
             values["masked_scores"] = perturb.masked_scores(self._whole.head, images, acts, classes, per_chunk)
         if "occlusion_drops" in reads:

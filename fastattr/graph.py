@@ -220,6 +220,7 @@ class Pass(NamedTuple):
     acts: Tensor                     # [N, C, h, w], the layer's output (the images when split at the input)
     acts_grads: Tensor               # [N, K, C, h, w], d logit_k / d acts
     input_grads: Tensor | None       # [N, K, C_in, H, W], d logit_k / d images, when asked for
+    carried: tuple | None = None     # the trunk's values the head also reads, where the pass kept them
 
 
 def _per_class(backward: Callable[[Tensor, bool], tuple[Tensor, ...]], cotangents: Tensor,
@@ -257,7 +258,7 @@ def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *, lay
         if not (layer_grads or input_grads):
             acts, *carried = s.trunk(x)
             logits = s.head(acts, *carried)
-            return Pass(logits, _targets(logits, classes, k)[0], acts, None, None)
+            return Pass(logits, _targets(logits, classes, k)[0], acts, None, None, tuple(carried))
         if input_grads and s.layer is not None:
             return _through_trunk(s, x, classes, k, k_form)
         acts, *carried = s.trunk(x)
@@ -265,8 +266,8 @@ def forward_backward(s: Split, x: Tensor, classes: Tensor | None, k: int, *, lay
         classes, cotangents = _targets(logits, classes, k)
         (acts_grads,) = _per_class(lambda ct, retain: head_vjp(ct, retain_graph=retain), cotangents, k_form)
         if input_grads:  # split at the input: the layer is the input
-            return Pass(logits, classes, acts, acts_grads, acts_grads)
-        return Pass(logits, classes, acts, acts_grads, None)
+            return Pass(logits, classes, acts, acts_grads, acts_grads, tuple(carried))
+        return Pass(logits, classes, acts, acts_grads, None, tuple(carried))
 
 
 def grads_at(s: Split, points: Tensor, classes: Tensor, k_form: KForm = "loop") -> Tensor:

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 __all__ = ["init_local_ray", "is_loopback"]
 
 
-# Ray Serve kills an HTTP proxy that has not answered its readiness check within 5 s, or its health check three
-# times within 10 s, and `serve.run` then fails with ActorDiedError. On a small machine whose cores are busy (a
+# Ray Serve kills an HTTP proxy that does not answer its readiness check in time, or fails its health check
+# (each with its own timeout) three times in a row, and `serve.run` then fails with ActorDiedError. On a small machine whose cores are busy (a
 # replica compiling, a test suite beside it) the proxy is alive but slow to be scheduled: CI's run of
 # tests/test_serve_soak.py failed this way on 2 cores. A local instance gives the proxy a minute; a user's own
 # `runtime_env` env_vars still win.

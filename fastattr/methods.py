@@ -148,9 +148,9 @@ def ablationcam(acts: Tensor, class_scores: Tensor, ablated_scores: Tensor) -> T
 
 
 def scorecam(acts: Tensor, masked_scores: Tensor) -> Tensor:
-    """Score-CAM (Wang et al., CVPR-W 2020, as pytorch-grad-cam and torchcam compute it): weights_c =
-    softmax_c(y(x * norm(up(A_c)))), the class logit on the image masked by each channel's resized, min-max
-    normalised activation, then ReLU(sum_c weights_c * A_c)."""
+    """Score-CAM (Wang et al., CVPR-W 2020): weights_c = softmax_c(y(x * norm(up(A_c)))), the softmax over
+    channels of the class logit (pytorch-grad-cam's form) on the image masked by each channel's activation,
+    resized with half-pixel centres (the authors' code) and min-max normalised; then ReLU(sum_c weights_c * A_c)."""
     return _cam(masked_scores.softmax(-1)[..., None, None], acts)
 
 

@@ -81,6 +81,8 @@ def convert(name: str, value: Any) -> Any:
         return None
     if kind in (int, float) and isinstance(value, str):
         return kind(value)
+    if kind is int and isinstance(value, float) and value.is_integer():  # YAML's 224.0
+        return int(value)
     return str(value) if kind is str else value
 
 

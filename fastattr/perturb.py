@@ -3,7 +3,8 @@ forward, in chunks, and the explained classes' scores read from each copy.
 
 Every pass here is forward-only and runs its copies through `graph.scores_of_copies`, at most `per_chunk`
 copies per image at a time, so memory follows a chunk whatever the number of copies, and only the `[N, P, K]`
-scores are kept. The clean forward is not repeated: its scores come from the pass every method shares.
+scores are kept. The clean forward is not repeated: its scores, and the layer's activation, come from the pass
+every method shares.
 
     ablated_scores   [N, K, C]       Ablation-CAM: the head above the layer, channel c of the activation zeroed
     masked_scores    [N, K, C]       Score-CAM: the whole model on the image times channel c's upsampled,
@@ -28,15 +29,19 @@ from .graph import Split, scores_of_copies
 __all__ = ["ablated_scores", "masked_scores", "occlusion_drops", "window_starts", "check_window"]
 
 
-def ablated_scores(s: Split, images: Tensor, classes: Tensor, channel_axis: int, per_chunk: int) -> Tensor:
+def ablated_scores(s: Split, acts: Tensor, carried: tuple | None, images: Tensor, classes: Tensor, channel_axis: int,
+                   per_chunk: int) -> Tensor:
     """`[N, K, C]`: the classes' scores with channel c of the layer's activation set to 0, by the head alone.
 
-    The trunk runs once (without autograd); each chunk repeats the activation P times, zeroes channel
-    `start + p` of copy p, and runs the head on the N * P copies. Values the head reads from below the layer
-    (skip connections) are repeated with them.
+    `acts` is the layer's output as the trunk returned it and `carried` the trunk's values the head reads
+    (skip connections), both from the shared pass; where that pass kept no `carried` (it ran the trunk under
+    autograd, for input gradients) the trunk runs once more here, without autograd. Each chunk repeats the
+    activation P times, zeroes channel `start + p` of copy p, and runs the head on the N * P copies, the
+    carried values repeated with them.
     """
-    with torch.no_grad():
-        acts, *carried = s.trunk(images)
+    if carried is None:
+        with torch.no_grad():
+            acts, *carried = s.trunk(images)
     n, channels = acts.shape[0], acts.shape[channel_axis]
     axis = channel_axis % acts.ndim
 
@@ -79,7 +84,11 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def check_window(window: int, stride: int, size: tuple[int, int]) -> None:
-    """Refuse a window larger than the image."""
+    """Refuse a window larger than the image, and a stride larger than the window (pixels between windows
+    would have no score drop to average)."""
+    if stride > window:
+        raise MethodError(f"stride: {stride} pixels is larger than the window ({window}), which leaves pixels no "
+                          f"window covers; pass a stride of at most {window}")
     if window > min(size):
         raise MethodError(f"window: {window} pixels is larger than the images ({size[0]}x{size[1]}); pass a window "
                           f"of at most {min(size)}")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import methods as _methods, zoo
 from .errors import InputError, at_least
-from .explain import SAMPLE_BATCH, SAMPLING, Explainer, Explanation
+from .explain import OCCLUSION, SAMPLE_BATCH, SAMPLING, Explainer, Explanation
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
 
 __all__ = ["Spec", "Pipeline", "build", "load_model", "check", "check_device", "check_trusted", "export", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
@@ -101,7 +101,7 @@ class Spec:
     steps: int | None = _option(None, int, least=1, help=(
         f"ig: Gauss-Legendre points on the path (default {SAMPLING['steps']}, or an export's)"))
     window: int | None = _option(None, int, least=1, metavar="PIXELS", help=(
-        f"occlusion: the side of the square window set to the baseline (default {SAMPLING['window']})"))
+        f"occlusion: the side of the square window set to the baseline (default {OCCLUSION['window']})"))
     stride: int | None = _option(None, int, least=1, metavar="PIXELS", help=(
         "occlusion: how far the window moves each step (default: half the window)"))
     sample_batch: int | None = _option(None, int, least=1, metavar="IMAGES", help=(
@@ -118,6 +118,8 @@ class Spec:
         object.__setattr__(self, "methods", parse_methods(self.methods))
         for option in fields(self):
             value, declared = getattr(self, option.name), option.metadata
+            if value is None and option.default is not None:
+                raise InputError(f"{option.name}: expected a value (default {option.default!r}), got None")
             if value is None:
                 continue
             if declared["least"] is not None:
@@ -135,8 +137,13 @@ class Spec:
 
     @property
     def sampling(self) -> dict[str, Any]:
-        """The SmoothGrad and IG options given (those not given are left out)."""
+        """The SmoothGrad and IG options given, which an export fixes (those not given are left out)."""
         return {name: getattr(self, name) for name in SAMPLING if getattr(self, name) is not None}
+
+    @property
+    def occlusion(self) -> dict[str, Any]:
+        """Occlusion's window and stride, where given: options of the eager and compiled Explainer alone."""
+        return {name: getattr(self, name) for name in OCCLUSION if getattr(self, name) is not None}
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Spec:
@@ -231,8 +238,14 @@ def _load(spec: Spec) -> nn.Module:
 
 
 def check(spec: Spec, option_prefix: str = "") -> None:
-    """What can be checked of a spec without loading anything: the device, and the model's name or file."""
+    """What can be checked of a spec without loading anything: the device, the model's name or file, and
+    methods the backend cannot run."""
     check_device(spec, option_prefix)
+    backend = spec.backend or (EXPORT_SUFFIXES[spec.export_file.suffix.lower()] if spec.export_file else "eager")
+    if backend != "eager" and (perturbed := _methods.perturbed(spec.methods or ())):
+        raise InputError(f"{option_prefix}methods: {', '.join(perturbed)} run eagerly only (no compiled graph or "
+                         f"export holds them yet), and the backend is {backend}; use {option_prefix}backend eager "
+                         "with a model name")
     path = Path(spec.model)
     if spec.export_file is not None:
         kind = EXPORT_SUFFIXES[spec.export_file.suffix.lower()]
@@ -311,7 +324,8 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
         model = _load(spec)
         size = spec.input_size or DEFAULTS["input_size"]
         explainer = Explainer(model, layer=spec.layer, methods=spec.methods or DEFAULTS["methods"],
-                              compile=backend == "compiled", sample_batch=_sample_batch(spec), **spec.sampling)
+                              compile=backend == "compiled", sample_batch=_sample_batch(spec), **spec.sampling,
+                              **spec.occlusion)
         num_classes = explainer.num_classes(torch.zeros(1, 3, size, size, device=spec.device))
         return Pipeline(spec, backend, spec.model, explainer.methods, explainer.layer,
                         DEFAULTS["k"] if spec.k is None else spec.k, None, num_classes, size, True,
@@ -324,7 +338,8 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
         export_s = time.perf_counter() - start
         pipeline = _from_export_file(replace(spec, model=str(path), weights=None, layer=None, methods=None, k=None,
                                              input_size=None, backend=None, with_classes=False, samples=None,
-                                             noise=None, steps=None, trusted=True), option_prefix)
+                                             noise=None, steps=None, window=None, stride=None, trusted=True),
+                                     option_prefix)
     pipeline.spec, pipeline.description, pipeline.info["export_s"] = spec, spec.model, export_s
     return pipeline
 
@@ -362,6 +377,9 @@ def _check_agrees(spec: Spec, meta: dict, path: Path, prefix: str) -> None:
         if value is not None and value != own:
             raise InputError(f"{prefix}{name.replace('_', '-')} {value}: {path} was exported for {name}={own}; drop "
                              f"{prefix}{name.replace('_', '-')} or export again")
+    for name, value in spec.occlusion.items():
+        raise InputError(f"{prefix}{name} {value}: sets occlusion, which no export holds ({path} computes "
+                         f"{', '.join(meta['methods'])}); drop {prefix}{name}")
     for name, value in spec.sampling.items():
         if value != meta.get(name):
             raise InputError(f"{prefix}{name} {value}: {path} was exported with {name} {meta.get(name)}; drop "

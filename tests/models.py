@@ -18,7 +18,7 @@ from fastattr.methods import perturbed
 
 SIZE = 64
 # The methods that compile and export (the perturbation methods do neither yet).
-EVERY_GRADIENT_METHOD = tuple(m for m in fastattr.METHODS if m not in perturbed(tuple(fastattr.METHODS)))
+COMPILABLE_METHODS = tuple(m for m in fastattr.METHODS if m not in perturbed(tuple(fastattr.METHODS)))
 
 # name -> (default layer, a layer inside the net where the backward above is substantial)
 ARCHS = {
@@ -37,7 +37,8 @@ ARCHS = {
 def _mini(name: str) -> nn.Module:
     """The torchvision class of `name` with one or two blocks per stage: every kind of op the full model has
     (concatenation, squeeze-excitation, SiLU, hardswish, LayerNorm, GELU, layer scale), in a graph a fraction of
-    the size, for the tests whose cost grows with the graph (an ONNX export of densenet121 takes minutes)."""
+    the size, for the tests whose cost grows with the graph (an ONNX export of the whole densenet121 is the
+    slowest export in docs/export.md)."""
     from torchvision.models import convnext, densenet, efficientnet, mobilenetv3, resnet
 
     if name == "mini-resnet18":

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fastattr
-from models import EVERY_GRADIENT_METHOD, images, model
+from models import COMPILABLE_METHODS, images, model
 from test_parity import reference_maps
 
 
@@ -214,7 +214,7 @@ def test_every_method_compiles_into_one_graph_equal_to_eager():
     # One explainer with all thirteen methods: one fullgraph compile (a graph break would raise). SmoothGrad's
     # noise is an input of the graph, drawn from the seed outside it, so compiled and eager see the same draw.
     net, x = model("mini-resnet18"), images(2)
-    options = dict(layer="layer4", methods=EVERY_GRADIENT_METHOD, samples=2, steps=2)
+    options = dict(layer="layer4", methods=COMPILABLE_METHODS, samples=2, steps=2)
     got = fastattr.Explainer(net, compile=True, **options)(x, k=2)
     want = fastattr.Explainer(net, **options)(x, k=2)
     assert_same_explanation(got, want)

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 import fastattr
-from models import ARCHS, EVERY_GRADIENT_METHOD, MINI_ARCHS, images, model
+from models import ARCHS, COMPILABLE_METHODS, MINI_ARCHS, images, model
 from test_compile import WRONG_INPUTS, assert_same_explanation
 
 # Six architecture families: two whole, four at reduced depth (tests/models.py's MINI_ARCHS: the same classes
-# and ops in a graph a fraction of the size; exporting the whole densenet121 took minutes).
+# and ops in a graph a fraction of the size, so the suite stays within its time; docs/export.md).
 ONNX_ARCHS = ["resnet18", "vgg11_bn", "mini-mobilenet_v3_small", "mini-efficientnet_b0", "mini-densenet121",
               "mini-convnext_tiny"]
 LAYERS = {**ARCHS, **MINI_ARCHS}
@@ -324,7 +324,7 @@ def test_the_classifiers_backward_gathers_the_classes_weight_rows_instead_of_mul
 def test_every_method_exports_to_one_file_whose_outputs_equal_the_torch_path(tmp_path):
     # SmoothGrad's noise is an input of the graph ("noise", [N, samples, C, H, W]); OnnxExplainer draws it from
     # the export's seed as the Explainer does, or takes it from the caller.
-    names = EVERY_GRADIENT_METHOD
+    names = COMPILABLE_METHODS
     options = dict(layer="layer4", methods=names, samples=2, steps=2)
     path = fastattr.export_onnx(model("mini-resnet18"), tmp_path / "all.onnx", k=2, input_shape=(3, 64, 64), **options)
     explainer = fastattr.OnnxExplainer(path)

@@ -182,6 +182,18 @@ def test_ablation_cam_equals_zeroing_each_channel_by_a_hook_through_the_whole_mo
     torch.testing.assert_close(out.maps["ablationcam"], want, rtol=1e-9, atol=1e-12)
 
 
+def test_ablation_cam_repeats_the_skip_connections_the_head_reads_with_each_ablated_copy():
+    # A dense layer's output is concatenated in the head with the features below it, which the split carries
+    # across the layer: each ablated copy must carry its own image's.
+    net, x = model("mini-densenet121", torch.float64), images(2, torch.float64)
+    layer = "features.denseblock3.denselayer2"
+    out = fastattr.Explainer(net, layer=layer, methods="ablationcam", normalize=False, upsample=False,
+                             sample_batch=5)(x, k=2)
+    want = reference_ablation_cam(net, layer, x, out.classes)
+    assert want.std() > 0
+    torch.testing.assert_close(out.maps["ablationcam"], want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.slow  # a forward per channel, twice
 @pytest.mark.parametrize("arch", LAYERS)
 def test_score_cam_equals_masking_the_image_by_each_channel_one_at_a_time(arch):
@@ -246,10 +258,10 @@ PEAK = textwrap.dedent("""
 
     torch.manual_seed(0)
     net = torchvision.models.resnet18().eval()
-    stride, sample_batch = int(sys.argv[1]), json.loads(sys.argv[2])
+    window, stride, sample_batch = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
     x = torch.randn(1, 3, 96, 96)
-    explainer = fastattr.Explainer(net, methods="occlusion", window=8, stride=stride, sample_batch=sample_batch)
-    fastattr.Explainer(net, methods="occlusion", window=8, stride=88, sample_batch=sample_batch)(x)  # warm
+    explainer = fastattr.Explainer(net, methods="occlusion", window=window, stride=stride, sample_batch=sample_batch)
+    fastattr.Explainer(net, methods="occlusion", window=96, sample_batch=sample_batch)(x)  # warm: one copy
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status("VmRSS")
@@ -258,18 +270,19 @@ PEAK = textwrap.dedent("""
 """)
 
 
-def added_peak_mib(stride: int, sample_batch: int | None) -> float:
-    out = subprocess.run([sys.executable, "-c", PEAK, str(stride), json.dumps(sample_batch)], capture_output=True,
-                         text=True, check=True, timeout=300)
+def added_peak_mib(window: int, stride: int, sample_batch: int | None) -> float:
+    out = subprocess.run([sys.executable, "-c", PEAK, str(window), str(stride), json.dumps(sample_batch)],
+                         capture_output=True, text=True, check=True, timeout=300)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak with Linux's VmHWM")
 def test_peak_memory_of_529_occluded_copies_stays_that_of_one_chunk():
-    # 96x96, window 8: stride 4 places ceil(88 / 4) + 1 = 23 windows a side, 529 copies; stride 32 places 4, 16.
-    few, many = added_peak_mib(32, 16), added_peak_mib(4, 16)
-    unchunked = added_peak_mib(4, None)
+    # 96x96: window 8, stride 4 places ceil(88 / 4) + 1 = 23 windows a side, 529 copies; window 32, stride 32
+    # places ceil(64 / 32) + 1 = 3 a side, 9 copies.
+    few, many = added_peak_mib(32, 32, 16), added_peak_mib(8, 4, 16)
+    unchunked = added_peak_mib(8, 4, None)
     assert unchunked > 3 * max(few, 50), (few, many, unchunked)
     assert many < 1.25 * few + 40, (few, many, unchunked)
 
@@ -286,6 +299,12 @@ def test_a_window_larger_than_the_image_is_refused_before_any_forward():
     with pytest.raises(fastattr.MethodError, match=r"window: 3 pixels is larger than the images \(2x2\); pass a "
                                                    r"window of at most 2"):
         fastattr.Explainer(tiny_net(), methods="occlusion", window=3)(X)
+
+
+def test_a_stride_larger_than_the_window_is_refused_since_it_leaves_pixels_uncovered():
+    with pytest.raises(fastattr.MethodError, match=r"stride: 3 pixels is larger than the window \(2\), which leaves "
+                                                   r"pixels no window covers; pass a stride of at most 2"):
+        fastattr.Explainer(tiny_net(), methods="occlusion", window=2, stride=3)(X)
 
 
 def test_the_stride_defaults_to_half_the_window():
@@ -329,3 +348,28 @@ def test_score_cam_and_occlusion_run_on_the_eager_hook_path():
 def test_the_registry_marks_exactly_the_perturbation_methods():
     marked = [m for m, method in fastattr.METHODS.items() if set(method.reads) & PERTURBED]
     assert marked == list(PERTURBATION_METHODS)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "onnx", "pt2"])
+def test_a_spec_with_a_perturbation_method_on_another_backend_than_eager_is_refused_before_loading(backend):
+    from fastattr import Spec, pipeline
+
+    with pytest.raises(fastattr.InputError, match=rf"--methods: scorecam run eagerly only .* the backend is {backend}; "
+                                                  r"use --backend eager"):
+        pipeline.check(Spec("resnet18", methods="gradcam, scorecam", backend=backend), "--")
+
+
+def test_a_spec_passes_window_and_stride_to_the_eager_explainer():
+    from fastattr import Spec, build
+
+    pipeline = build(Spec("resnet18", methods="occlusion", input_size=64, window=8, stride=4))
+    assert (pipeline._explain.window, pipeline._explain.stride) == (8, 4)
+
+
+def test_window_and_stride_with_an_export_file_are_refused_since_no_export_holds_occlusion(tmp_path):
+    from fastattr import Spec, build
+
+    path = fastattr.export_onnx(tiny_net().float(), tmp_path / "t.onnx", layer="1", methods="gradcam", k=1,
+                                input_shape=(1, 2, 2))
+    with pytest.raises(fastattr.InputError, match=r"window 8: sets occlusion, which no export holds"):
+        build(Spec(str(path), window=8))

@@ -35,6 +35,8 @@ def test_an_unknown_method_in_a_spec_names_the_valid_ones():
     ("samples", 1.5, "samples: expected an int >= 1, got 1.5"), ("noise", -0.1, "noise: expected a number >= 0"),
     ("device", "tpu", "device: expected one of cpu, cuda, got 'tpu'"),
     ("backend", "tensorrt", "backend: expected one of eager, compiled, onnx, pt2, got 'tensorrt'"),
+    ("device", None, "device: expected a value \\(default 'cpu'\\), got None"),
+    ("window", 0, "window: expected an int >= 1, got 0"),
 ])
 def test_a_bad_spec_option_is_refused_when_the_spec_is_made(field, value, message):
     with pytest.raises(fastattr.InputError, match=message):
@@ -94,3 +96,28 @@ def test_an_unknown_model_name_names_the_closest():
 def test_cuda_without_a_gpu_is_refused_before_loading():
     with pytest.raises(fastattr.InputError, match="device cuda: no GPU available"):
         build(Spec("resnet18", device="cuda"))
+
+
+def test_every_spec_field_is_a_command_line_flag_and_a_server_argument():
+    import argparse
+    import dataclasses
+    import importlib
+
+    from fastattr import options
+
+    parser = argparse.ArgumentParser()
+    options.add_spec_arguments(parser)
+    flags = {action.dest for action in parser._actions}
+    app = importlib.import_module("fastattr.serve.app")
+    for field in dataclasses.fields(Spec):
+        assert field.name in flags and field.name in app.DEFAULTS, field.name
+
+
+def test_the_server_converts_its_string_and_yaml_arguments_by_each_options_kind():
+    from fastattr import options
+
+    assert options.convert("k", "3") == 3 and options.convert("k", 224.0) == 224
+    assert options.convert("noise", "0.2") == 0.2 and options.convert("layer", "none") is None
+    assert options.convert("trusted", "no") is False and options.convert("methods", ["gradcam"]) == ["gradcam"]
+    with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
+        options.convert("trusted", "maybe")
