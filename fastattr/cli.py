@@ -1,5 +1,6 @@
 """The `fastattr` command line: argparse, and errors turned into exit codes. Every subcommand builds what it
-runs through `fastattr.pipeline` (the model options are declared once, in `fastattr.options`).
+runs through `fastattr.pipeline` (the model options are declared once, as `fastattr.Spec`'s fields, and made
+into flags by `fastattr.options`).
 
     fastattr explain IMAGE_OR_FOLDER... -o OUTDIR [MODEL OPTIONS] [--batch-size B] [--ray [--address A] [--workers N]]
     fastattr layers MODEL
@@ -9,6 +10,7 @@ runs through `fastattr.pipeline` (the model options are declared once, in `fasta
 
 MODEL OPTIONS: --model NAME|FILE.onnx|FILE.pt2 --weights FILE --layer L --methods "gradcam, saliency" --k 3
     --input-size 224 --device cpu|cuda --backend eager|compiled|onnx|pt2 --samples 16 --noise 0.15 --steps 32
+    --window 16 --stride 8 --sample-batch 16 --with-classes --trusted
 """
 
 from __future__ import annotations
@@ -40,14 +42,30 @@ def explain(args: argparse.Namespace) -> int:
     from . import files
 
     # Every check of the options, the inputs and the output before the model loads, and before anything is written.
-    _check_at_least_one(("--batch-size", args.batch_size), ("--workers", args.workers))
+    _check_at_least_one(("--batch-size", args.batch_size), ("--workers", args.workers),
+                        ("--metric-steps", args.metric_steps))
     found, passed_over = files.find_images(args.paths, args.output)
     files.check_output(args.output, "-o")
     if args.ray:
         return _explain_on_ray(args, found)
-    pipeline = build(spec_from_args(args), "--")
+    spec, score = spec_from_args(args), None
+    if args.metrics is not None:
+        from . import metrics
+
+        names = metrics.parse_metrics(args.metrics)
+        if args.ray:
+            raise InputError("--metrics: written to results.jsonl by the local run; drop --ray or --metrics")
+        if spec.export_file is not None or (spec.backend or "eager") not in ("eager", "compiled"):
+            raise InputError(f"--metrics: scoring perturbed images needs the torch model, and {spec.model} runs on "
+                             f"the {spec.backend or spec.export_file.suffix[1:]} backend; use a model name with "
+                             "--backend eager or compiled")
+    pipeline = build(spec, "--")
+    if args.metrics is not None:
+        score = lambda images, out: metrics.evaluate(pipeline.model, images.to(pipeline.spec.device), out.maps,  # noqa: E731
+                                                     out.classes, names, steps=args.metric_steps)
     report = files.explain_files(found, pipeline, args.output, size=pipeline.input_size,
-                                 batch_size=args.batch_size, class_names=pipeline.names, progress=not args.no_progress)
+                                 batch_size=args.batch_size, class_names=pipeline.names, progress=not args.no_progress,
+                                 score=score)
     print(f"wrote {len(report.written)} images and {report.results} to {args.output}")
     if passed_over:
         print(f"passed over {len(passed_over)} files without an image suffix in the folders given: "
@@ -99,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     add_spec_arguments(xp)
     xp.add_argument("--batch-size", type=int, default=8)
     xp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    xp.add_argument("--metrics", metavar="LIST",
+                    help="faithfulness metrics per image, class and method, written to results.jsonl: any of "
+                         "deletion, insertion (curve areas), average-drop, increase-in-confidence (fastattr.metrics)")
+    xp.add_argument("--metric-steps", type=int, default=32, metavar="N",
+                    help="with --metrics: steps of the deletion and insertion curves (default 32)")
     xp.add_argument("--ray", action="store_true",
                     help="run on Ray Data and write Parquet (OUTDIR/parquet) instead of PNGs; needs fastattr[ray]")
     xp.add_argument("--address", help="with --ray: an existing Ray cluster (default: a local one for this run)")

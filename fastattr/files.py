@@ -99,13 +99,15 @@ def _make_output(out_dir: Path) -> None:
 def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Explanation], out_dir: str | Path, *,
                   size: int = 224, batch_size: int = 8, class_names: Sequence[str] | None = None,
                   device: str | torch.device = "cpu", mean: Sequence[float] = _images.IMAGENET_MEAN,
-                  std: Sequence[float] = _images.IMAGENET_STD, progress: bool = True) -> Report:
+                  std: Sequence[float] = _images.IMAGENET_STD, progress: bool = True,
+                  score: Callable[[Tensor, Explanation], dict] | None = None) -> Report:
     """Read the images under `paths`, explain them `batch_size` at a time with `explain` (a `Pipeline`, or any
     callable from normalised images `[B, 3, size, size]` on `device` to an Explanation with normalised maps),
     and write `out_dir/NAME.png`
     (the photo, then each explained class's overlays) and `out_dir/results.jsonl`. Files that are not
     readable images, and those whose PNG cannot be written, are skipped and listed in `Report.failed`; the others
-    are still explained. Files in folders without an image suffix are not read (`Report.passed_over`), nor is
+    are still explained. `score(images, explanation)`, when given, returns `{method: {metric: [B, K]}}` (see
+    `fastattr.metrics.evaluate`), written to each line as "metrics". Files in folders without an image suffix are not read (`Report.passed_over`), nor is
     `out_dir` when it is inside a folder given. Raises InputError, before any work, for a `batch_size` below 1,
     an `out_dir` that cannot be written, or `paths` that hold no image file."""
     from tqdm.auto import tqdm
@@ -128,11 +130,17 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                     bar.write(f"skipped {exc}")
             if batch:
                 display = torch.stack([image for _, image in batch]).to(device)
-                out = explain(_images.normalize(display, mean, std)).cpu()
-                display = display.cpu()
+                normalized = _images.normalize(display, mean, std)
+                out = explain(normalized)
+                scores = score(normalized, out) if score is not None else None
+                out, display = out.cpu(), display.cpu()
                 for i, (path, _) in enumerate(batch):
                     png = _unique_png(out_dir, path, taken)
                     line = _describe(path, png, out, i, class_names)
+                    if scores is not None:
+                        line["metrics"] = {method: {name: [round(v, 4) for v in values[i].tolist()]
+                                                    for name, values in by_metric.items()}
+                                           for method, by_metric in scores.items()}
                     captions = [f"{name}  p={p:.2f}" for name, p in zip(line["names"], line["probabilities"])]
                     maps = {method: m[i].clamp(0, 1) for method, m in out.maps.items()}
                     try:

@@ -20,7 +20,7 @@ probabilities unless `probability=False` (then logits). `maps [N, K, H, W]` and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,8 @@ from .errors import InputError, TargetError, at_least
 from .explain import SAMPLE_BATCH, check_eval_mode, check_finite
 from .graph import scores_of_copies
 
-__all__ = ["Curve", "deletion", "insertion", "confidence_change", "average_drop", "increase_in_confidence"]
+__all__ = ["Curve", "METRICS", "deletion", "insertion", "confidence_change", "average_drop", "increase_in_confidence",
+           "evaluate", "parse_metrics"]
 
 Baseline = float | Tensor | str
 
@@ -85,6 +86,44 @@ def increase_in_confidence(model: Callable[[Tensor], Tensor], images: Tensor, ma
     the paper reports the fraction of images, in percent)."""
     original, masked = _masked_scores(model, images, maps, classes, probability)
     return masked > original
+
+
+# Each metric as one number per image and class, by name: what `evaluate` (and `fastattr explain --metrics`)
+# reports. The curves give their areas.
+METRICS: dict[str, Callable[..., Tensor]] = {
+    "deletion": lambda model, x, maps, classes, steps: deletion(model, x, maps, classes, steps=steps).area,
+    "insertion": lambda model, x, maps, classes, steps: insertion(model, x, maps, classes, steps=steps).area,
+    "average-drop": lambda model, x, maps, classes, steps: average_drop(model, x, maps.clamp(0, 1), classes),
+    "increase-in-confidence": lambda model, x, maps, classes, steps: increase_in_confidence(
+        model, x, maps.clamp(0, 1), classes).to(x.dtype),
+}
+
+
+def parse_metrics(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Metric names from "deletion, insertion" or a sequence, checked.
+
+    >>> parse_metrics("deletion, average-drop")
+    ('deletion', 'average-drop')
+    """
+    names = tuple(dict.fromkeys(n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise InputError(f"metrics: {'unknown ' + repr(unknown[0]) if unknown else 'none given'}; valid: "
+                         f"{', '.join(METRICS)}")
+    return names
+
+
+def evaluate(model: Callable[[Tensor], Tensor], images: Tensor, maps: Mapping[str, Tensor], classes: Tensor,
+             names: Sequence[str] = tuple(METRICS), *, steps: int = 32) -> dict[str, dict[str, Tensor]]:
+    """`{method: {metric: [N, K]}}`: each named metric (`METRICS`) of each method's maps (an Explanation's
+    `maps`, upsampled and normalised) for its classes; curves are summarised by their area.
+
+    >>> scores = evaluate(model, images, out.maps, out.classes, ("deletion", "insertion"))  # doctest: +SKIP
+    >>> scores["gradcam"]["deletion"].shape                 # [N, K]  # doctest: +SKIP
+    """
+    names = parse_metrics(names)
+    return {method: {name: METRICS[name](model, images, m.to(images.dtype), classes, steps) for name in names}
+            for method, m in maps.items()}
 
 
 def blurred(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:

@@ -203,6 +203,11 @@ class Pipeline:
             out = replace(out, maps={m: out.maps[m] for m in self.methods})
         return out
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The torch model the pipeline explains (eager and compiled backends), or None for an export."""
+        return self._explain.model if isinstance(self._explain, Explainer) else None
+
     def warmup(self, k: int | None = None, named: Sequence[bool] = (False, True)) -> float:
         """Run every graph a call at this `k` can need (compiling, for the compiled backend), so that no caller
         pays for it later; `named`: the top-k (False) and named classes (True). Returns the seconds it took."""

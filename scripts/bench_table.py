@@ -60,6 +60,35 @@ def table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def forward_bound_table(data: dict) -> str:
+    """The table of a forward-bound run (benchmarks/test_perturbation.py): each case's images/s, its forwards per
+    image, the fraction of the forward-bound limit it reaches (images/s x forwards per image / plain inference's
+    images/s) and its speed against the other cases of its group (the peers)."""
+    per_case: dict[str, list[float]] = defaultdict(list)
+    meta: dict[str, dict] = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        if "images_per_s" in info:
+            per_case[info["case"]].append(info["images_per_s"])
+            meta[info["case"]] = info
+    median = {case: statistics.median(v) for case, v in per_case.items()}
+    plain = median.get("plain-inference")
+    machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "?"))
+    lines = [f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores; torch "
+             f"{next(iter(meta.values()), {}).get('torch', '?')}; run {data.get('datetime', '?')[:16]}; the median of "
+             f"{max(map(len, per_case.values()), default=0)} interleaved reps.", "",
+             "| group | case | images/s | forwards per image | x forward-bound limit | x each other case of the group |",
+             "|---|---|---|---|---|---|"]
+    for case, value in median.items():
+        info = meta[case]
+        limit = f"{value * info['forwards_per_image'] / plain:.2f}" if plain and case != "plain-inference" else "-"
+        others = [(c, median[c]) for c in median if c != case and meta[c]["group"] == info["group"]]
+        versus = ", ".join(f"{value / v:.1f}x {c}" for c, v in others) or "-"
+        lines.append(f"| {info['group']} | {case} | {value:.3f} | {info['forwards_per_image']} | {limit} | {versus} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)

@@ -89,6 +89,8 @@ def bench_text(name: str) -> str:
         return bench_report.serving_table(data)
     if bench_report.matrix_groups(data):
         return bench_report.report(data)
+    if any("forwards_per_image" in b["extra_info"] for b in data["benchmarks"]):
+        return bench_table.forward_bound_table(data)
     return bench_table.table(data)
 
 

@@ -164,3 +164,57 @@ def test_confidence_metrics_refuse_maps_outside_0_1():
 def test_a_model_in_training_mode_is_refused():
     with pytest.raises(fastattr.InputError, match="training mode"):
         metrics.deletion(linear_net().train(), ONES, RISING, CLASS_0)
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+def test_fastattr_explain_writes_each_metric_per_method_and_class_as_a_direct_call_gives(tmp_path):
+    import json
+    from pathlib import Path
+
+    from fastattr import cli, images as fimages, zoo
+    from fastattr.pipeline import Spec, build
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(__import__("torchvision").models.resnet18().state_dict(), weights)
+    photo = Path(__file__).parents[1] / "examples" / "chelsea.png"
+    options = ["--model", "resnet18", "--weights", str(weights), "--layer", "layer3", "--methods", "gradcam, saliency",
+               "--k", "2", "--input-size", "64"]
+    assert cli.main(["explain", str(photo), *options, "--metrics", "deletion, average-drop", "--metric-steps", "4",
+                     "--no-progress", "-o", str(tmp_path / "out")]) == 0
+    line = json.loads((tmp_path / "out" / "results.jsonl").read_text())
+    pipeline = build(Spec("resnet18", str(weights), "layer3", ("gradcam", "saliency"), 2, 64))
+    x = fimages.normalize(fimages.read(photo, 64)[None])
+    out = pipeline(x)
+    want = metrics.evaluate(zoo.load_model("resnet18", weights), x, out.maps, out.classes,
+                            ("deletion", "average-drop"), steps=4)
+    assert set(line["metrics"]) == {"gradcam", "saliency"}
+    for method, by_metric in want.items():
+        assert set(line["metrics"][method]) == {"deletion", "average-drop"}
+        for name, values in by_metric.items():
+            assert line["metrics"][method][name] == pytest.approx(values[0].tolist(), abs=1e-4)
+
+
+def test_fastattr_explain_refuses_an_unknown_metric_before_loading_the_model(tmp_path, capsys):
+    from pathlib import Path
+
+    from fastattr import cli
+
+    photo = Path(__file__).parents[1] / "examples" / "chelsea.png"
+    assert cli.main(["explain", str(photo), "--metrics", "deletion,roc", "-o", str(tmp_path / "out")]) == 2
+    assert "metrics: unknown 'roc'; valid: deletion, insertion, average-drop, increase-in-confidence" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fastattr_explain_refuses_metrics_on_an_export_backend_before_exporting(tmp_path, capsys):
+    from pathlib import Path
+
+    from fastattr import cli
+
+    photo = Path(__file__).parents[1] / "examples" / "chelsea.png"
+    assert cli.main(["explain", str(photo), "--model", "resnet18", "--backend", "onnx", "--metrics", "deletion",
+                     "-o", str(tmp_path / "out")]) == 2
+    assert "--metrics: scoring perturbed images needs the torch model, and resnet18 runs on the onnx backend; use " \
+           "a model name with --backend eager or compiled" in capsys.readouterr().err
