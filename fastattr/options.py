@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .pipeline import BACKENDS, DEFAULTS, Spec
+from .pipeline import BACKENDS, DEFAULTS, Spec, parse_methods
 
 __all__ = ["ALIASES", "add_spec_arguments", "convert", "spec_from_args", "spec_options", "usage_error"]
 
@@ -83,6 +83,8 @@ def convert(name: str, value: Any) -> Any:
         return kind(value)
     if kind is int and isinstance(value, float) and value.is_integer():  # YAML's 224.0
         return int(value)
+    if kind is tuple:  # a method list, "gradcam, saliency" or a YAML sequence
+        return parse_methods(value)
     return str(value) if kind is str else value
 
 

@@ -84,7 +84,7 @@ def test_k_larger_than_the_number_of_classes_is_refused():
 
 def test_unknown_method_lists_the_valid_names():
     with pytest.raises(fastattr.MethodError, match=r"unknown method 'gradcam\+'; valid: 'gradcam', 'gradcam\+\+', "
-                       r"'xgradcam', .* 'guided', 'guided-gradcam'$"):
+                       r"'xgradcam', .* 'guided', 'guided-gradcam', 'occlusion'$"):
         fastattr.Explainer(model("resnet18"), methods=("gradcam+",))
 
 
