@@ -165,6 +165,9 @@ class Explainer:
         self.samples, self.noise, self.seed = _count("samples", samples), _at_least_zero("noise", noise), seed
         self.steps, self.baseline = _count("steps", steps), _baseline(baseline)
         self._path = _methods.gauss_legendre(self.steps)
+        self._sampled = sorted(self.reads & _methods.SAMPLED.keys())
+        # Whether calls take a standard-normal draw `[N, samples, C, H, W]` (an input of compiled and exported graphs).
+        self.draws_noise = any(_methods.SAMPLED[name].along == "noise" for name in self._sampled)
         self.sample_batch = None if sample_batch is None else _count("sample_batch", sample_batch)
         self.window = _count("window", window)
         self.stride = max(1, self.window // 2) if stride is None else _count("stride", stride)
@@ -221,7 +224,8 @@ class Explainer:
             self._check_noise(images, noise)
         if "occlusion_drops" in self.reads:
             perturb.check_window(self.window, self.stride, tuple(images.shape[-2:]))
-        if self.reads & {"path_grads", "occlusion_drops"} and isinstance(self.baseline, Tensor) \
+        takes_baseline = "occlusion_drops" in self.reads or any(_methods.SAMPLED[r].along == "path" for r in self._sampled)
+        if takes_baseline and isinstance(self.baseline, Tensor) \
                 and tuple(self.baseline.shape[-3:]) != tuple(images.shape[1:]):
             raise InputError(f"baseline: shape {list(self.baseline.shape)} does not match the images "
                              f"{list(images.shape[1:])}; give a baseline [C, H, W] of the images' size")
@@ -229,7 +233,7 @@ class Explainer:
 
     def _run(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None) -> Explanation:
         # The checked inputs through the compiled graph, when there is one, else eagerly.
-        if "noisy_saliency" in self.reads and noise is None:
+        if self.draws_noise and noise is None:
             noise = draw_noise(images, self.samples, self.seed)
         if self._compiled is None:
             logits, classes, maps, grads, completeness = self.attribution(images, classes, k, noise)
@@ -349,22 +353,11 @@ class Explainer:
             acts_grads = tokens.to_grid(self._layout, acts_grads, ndim, size) if acts_grads is not None else None
         values = {"images": images, "acts": acts, "acts_grads": acts_grads, "input_grads": p.input_grads}
         completeness = None
-        per_chunk = self._points_per_chunk(images.shape[0])
-        if "noisy_saliency" in reads:
-            spread = (self.noise * (images.amax((1, 2, 3)) - images.amin((1, 2, 3)))).view(-1, 1, 1, 1, 1)
-            values["noisy_saliency"] = graph.folded_grads(
-                self._whole, lambda a, b: images.unsqueeze(1) + spread * noise[:, a:b],
-                lambda grads, a, b: _methods.saliency(grads).sum(1) / self.samples,
-                self.samples, classes, per_chunk, self.k_form)
+        if self._sampled:
+            values.update(self._sampled_reads(images, classes, noise))
         if "path_grads" in reads:
             baseline = self._baseline_like(images)
-            deltas = images - baseline
-            alphas, weights = (torch.tensor(v, dtype=images.dtype, device=images.device) for v in self._path)
-            values["deltas"] = deltas
-            values["path_grads"] = graph.folded_grads(
-                self._whole, lambda a, b: baseline.unsqueeze(1) + alphas[a:b].view(1, -1, 1, 1, 1) * deltas.unsqueeze(1),
-                lambda grads, a, b: (grads * weights[a:b].view(1, -1, 1, 1, 1, 1)).sum(1),
-                self.steps, classes, per_chunk, self.k_form)
+            deltas = values["deltas"] = images - baseline
             with torch.no_grad():
                 baseline_logits = self._whole.head(baseline)
             gains = p.logits.gather(1, classes) - baseline_logits.expand(images.shape[0], -1).gather(1, classes)
@@ -375,6 +368,31 @@ class Explainer:
             values["guided_grads"] = graph.forward_backward(self._guided, images, classes, k, input_grads=True,
                                                             k_form=self.k_form).input_grads
         return p.logits, classes, values, completeness
+
+    def _sampled_reads(self, images: Tensor, classes: Tensor, noise: Tensor | None) -> dict[str, Tensor]:
+        """Each sampled read the methods need (`methods.SAMPLED`): the weighted sum over the points around each
+        image of its fold of the input gradients there, max(1, sample_batch // N) points per image at a time."""
+        per_chunk, values = self._points_per_chunk(images.shape[0]), {}
+        for name in self._sampled:
+            sampled = _methods.SAMPLED[name]
+            if sampled.along == "noise":
+                spread = (self.noise * (images.amax((1, 2, 3)) - images.amin((1, 2, 3)))).view(-1, 1, 1, 1, 1)
+                count, weights = self.samples, torch.full((self.samples,), 1 / self.samples, dtype=images.dtype,
+                                                          device=images.device)
+                points = lambda a, b: images.unsqueeze(1) + spread * noise[:, a:b]  # noqa: E731
+            else:
+                baseline = self._baseline_like(images)
+                deltas = images - baseline
+                alphas, weights = (torch.tensor(v, dtype=images.dtype, device=images.device) for v in self._path)
+                count = self.steps
+                points = lambda a, b: baseline.unsqueeze(1) + alphas[a:b].view(1, -1, 1, 1, 1) * deltas.unsqueeze(1)  # noqa: E731
+
+            def fold(grads: Tensor, a: int, b: int, sampled=sampled, weights=weights) -> Tensor:
+                folded = sampled.fold(grads)
+                return (folded * weights[a:b].view(1, -1, *(1,) * (folded.ndim - 2))).sum(1)
+
+            values[name] = graph.folded_grads(self._whole, points, fold, count, classes, per_chunk, self.k_form)
+        return values
 
     def _perturbed(self, images: Tensor, acts: Tensor, p: graph.Pass, classes: Tensor) -> dict:
         """The perturbation passes' reads, each forwarding its copies max(1, sample_batch // N) per image at a
@@ -401,7 +419,8 @@ class Explainer:
         return max(1, self.sample_batch // batch)
 
     def _points_per_image(self) -> int:
-        return max(self.samples if "noisy_saliency" in self.reads else 1, self.steps if "path_grads" in self.reads else 1)
+        counts = {"noise": self.samples, "path": self.steps}
+        return max([counts[_methods.SAMPLED[name].along] for name in self._sampled], default=1)
 
     def _baseline_like(self, images: Tensor) -> Tensor:
         """`[1, C, H, W]`: the baseline, as a constant of the graph."""
@@ -411,8 +430,9 @@ class Explainer:
         return torch.full_like(images[:1], self.baseline)
 
     def _check_noise(self, images: Tensor, noise: Tensor) -> None:
-        if "noisy_saliency" not in self.reads:
-            raise InputError(f"noise: only SmoothGrad reads noise, and the methods are {self.methods}")
+        if not self.draws_noise:
+            raise InputError(f"noise: only methods over noisy copies (smoothgrad) read noise, and the methods are "
+                             f"{self.methods}")
         expected = (images.shape[0], self.samples, *images.shape[1:])
         if not isinstance(noise, Tensor) or tuple(noise.shape) != expected:
             got = list(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__

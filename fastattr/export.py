@@ -65,7 +65,7 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     num_classes = explainer.num_classes(example)
     targets.resolve(None, k, n, num_classes, example.device)  # checks k as every entry point does
 
-    smooth, integrated = "noisy_saliency" in explainer.reads, "path_grads" in explainer.reads
+    smooth, integrated = explainer.draws_noise, "path_grads" in explainer.reads
 
     def attribution(images: Tensor, *rest: Tensor):
         classes = rest[0] if with_classes else None

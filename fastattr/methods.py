@@ -181,8 +181,8 @@ def input_x_gradient(images: Tensor, input_grads: Tensor) -> Tensor:
 def smoothgrad(noisy_saliency: Tensor) -> Tensor:
     """SmoothGrad (Smilkov et al., 2017) over saliency: (1/S) sum_s sum_c |dy/dx_c (x + noise_s)|.
 
-    The mean is taken in the pass that computes the gradients, chunk by chunk (`noisy_saliency`), so the
-    S gradients are never held at once; the method is that mean.
+    The mean is taken in the pass that computes the gradients, chunk by chunk (the sampled read
+    `noisy_saliency`, `SAMPLED`), so the S gradients are never held at once; the method is that mean.
     """
     return noisy_saliency
 
@@ -219,6 +219,28 @@ def guided_gradcam(acts: Tensor, acts_grads: Tensor, guided_grads: Tensor) -> Te
 
 
 # --- the registry ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampled:
+    """A read made from the input gradients at many points around each image: the weighted sum over the points
+    of `fold(grads)`, `grads [N, P, K, C, H, W]` a chunk's gradients and the result `[N, P, K, ...]`.
+
+    along: "noise" (SmoothGrad's points: image + noise * (max - min) * draw, `samples` of them, weights 1/samples;
+           the draw is an input of the graph) or "path" (Integrated Gradients' points: baseline + alpha * (image -
+           baseline), `steps` Gauss-Legendre nodes and weights).
+    """
+
+    along: str
+    fold: Callable[[Tensor], Tensor]
+
+
+# The sampled reads, each computed in chunks of points by the one sampled pass (`fastattr.explain`): a new
+# sampling method (SmoothGrad over another gradient map, say) is an entry here and a method reading it.
+SAMPLED: dict[str, Sampled] = {
+    "noisy_saliency": Sampled("noise", saliency),
+    "path_grads": Sampled("path", lambda grads: grads),
+}
+
 
 @dataclass(frozen=True)
 class Method:

@@ -14,6 +14,7 @@ import torch
 
 import fastattr
 from fastattr import methods
+from models import images, model
 from test_golden import X, tiny
 
 ACTS = torch.tensor([[[[2.0, -1.0]], [[1.0, 3.0]]]], dtype=torch.float64)          # [N=1, C=2, 1, 2]
@@ -214,7 +215,7 @@ def test_a_wrong_noise_shape_names_the_expected_one():
 
 
 def test_noise_for_a_method_that_reads_none_is_refused():
-    with pytest.raises(fastattr.InputError, match="only SmoothGrad reads noise"):
+    with pytest.raises(fastattr.InputError, match=r"noise: only methods over noisy copies \(smoothgrad\) read noise"):
         fastattr.Explainer(tiny(), layer="act")(X, noise=torch.zeros(1, 16, 1, 2, 2, dtype=torch.float64))
 
 
@@ -233,3 +234,26 @@ def test_a_baseline_of_another_size_than_the_images_is_refused():
     explainer = fastattr.Explainer(tiny(), methods="ig", baseline=torch.zeros(1, 3, 3, dtype=torch.float64))
     with pytest.raises(fastattr.InputError, match=r"baseline: shape \[1, 3, 3\] does not match the images \[1, 2, 2\]"):
         explainer(X)
+
+
+def test_a_new_sampling_method_is_one_sampled_read_and_one_registry_entry(monkeypatch):
+    # SmoothGrad-Squared (Hooker et al., 2019): (1/S) sum_s sum_c (dy/dx_c (x + noise_s))^2, added here without
+    # touching the passes: a sampled read (methods.SAMPLED) and a method reading it (methods.METHODS).
+    from fastattr import methods, postprocess
+
+    monkeypatch.setitem(methods.SAMPLED, "noisy_squares", methods.Sampled("noise", lambda g: g.square().sum(-3)))
+    monkeypatch.setitem(methods.METHODS, "smoothgrad-squared",
+                        methods.Method(lambda noisy_squares: noisy_squares, ("noisy_squares",), postprocess.minmax_shifted))
+    net, x = model("resnet18", torch.float64), images(2, torch.float64)
+    noise = torch.randn(2, 3, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = fastattr.Explainer(net, methods="smoothgrad-squared", samples=3, noise=0.1, normalize=False,
+                             sample_batch=4)(x, k=2, noise=noise)
+    spread = 0.1 * (x.amax((1, 2, 3)) - x.amin((1, 2, 3)))
+    want = torch.zeros(2, 2, 64, 64, dtype=torch.float64)
+    for s in range(3):
+        copy = (x + spread.view(-1, 1, 1, 1) * noise[:, s]).requires_grad_()
+        logits = net(copy)
+        for j in range(2):
+            (grad,) = torch.autograd.grad(logits.gather(1, out.classes[:, j:j + 1]).sum(), copy, retain_graph=j == 0)
+            want[:, j] += grad.square().sum(1) / 3
+    torch.testing.assert_close(out.maps["smoothgrad-squared"], want, rtol=1e-9, atol=1e-15)
