@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,7 @@ import fastattr
 from fastattr import bench, cli, files, images, zoo
 from fastattr.pipeline import Spec, build
 
-# One worker builds the module's exports (the group keeps the module on one pytest-xdist worker).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("front-ends")]
+pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 PHOTOS = [EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png"]
@@ -28,16 +28,28 @@ METHODS = ("gradcam", "saliency")
 
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory) -> dict[str, Spec]:
-    """The same resnet18 as a named model with weights, and as three exports: ONNX, ONNX with class indices, pt2."""
-    folder = tmp_path_factory.mktemp("front-ends")
-    torch.manual_seed(0)
-    weights = folder / "resnet18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    model = zoo.load_model("resnet18", weights)
-    common = dict(layer="layer4", methods=METHODS, k=K, input_shape=(3, SIZE, SIZE))
-    onnx = fastattr.export_onnx(model, folder / "r18.onnx", **common)
-    onnx_classes = fastattr.export_onnx(model, folder / "r18-classes.onnx", with_classes=True, **common)
-    pt2 = fastattr.export_program(model, folder / "r18.pt2", **common)
+    """The same resnet18 as a named model with weights, and as three exports: ONNX, ONNX with class indices, pt2.
+
+    Made once per test run, in a folder every pytest-xdist worker shares (under a lock): pytest may set a module
+    fixture up more than once, and the exports are the slow part of this module."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else \
+        tmp_path_factory.getbasetemp()
+    folder = root / "front-ends"
+    weights, onnx, onnx_classes, pt2 = (folder / name for name in ("resnet18.pt", "r18.onnx", "r18-classes.onnx",
+                                                                    "r18.pt2"))
+    with FileLock(str(root / "front-ends.lock")):
+        if not (folder / "made").exists():
+            folder.mkdir(exist_ok=True)
+            torch.manual_seed(0)
+            torch.save(torchvision.models.resnet18().state_dict(), weights)
+            model = zoo.load_model("resnet18", weights)
+            common = dict(layer="layer4", methods=METHODS, k=K, input_shape=(3, SIZE, SIZE))
+            fastattr.export_onnx(model, onnx, **common)
+            fastattr.export_onnx(model, onnx_classes, with_classes=True, **common)
+            fastattr.export_program(model, pt2, **common)
+            (folder / "made").touch()
     return {"eager": Spec("resnet18", str(weights), "layer4", METHODS, K, SIZE), "onnx": Spec(str(onnx)),
             "onnx-classes": Spec(str(onnx_classes)), "pt2": Spec(str(pt2), trusted=True)}
 
