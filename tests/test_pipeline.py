@@ -118,6 +118,6 @@ def test_the_server_converts_its_string_and_yaml_arguments_by_each_options_kind(
 
     assert options.convert("k", "3") == 3 and options.convert("k", 224.0) == 224
     assert options.convert("noise", "0.2") == 0.2 and options.convert("layer", "none") is None
-    assert options.convert("trusted", "no") is False and options.convert("methods", ["gradcam"]) == ["gradcam"]
+    assert options.convert("trusted", "no") is False and options.convert("methods", ["gradcam"]) == ("gradcam",)
     with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
         options.convert("trusted", "maybe")
