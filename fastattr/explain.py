@@ -65,8 +65,9 @@ SAMPLING = {"samples": 16, "noise": 0.15, "steps": 32}
 # Occlusion's window and stride (None: half the window), in pixels; no export holds occlusion.
 OCCLUSION = {"window": 16, "stride": None}
 # The most images one chunk of SmoothGrad's or IG's points, or of the perturbation methods' copies, sends
-# through the network, a run-time option that no export fixes. A chunk of this size is a batch any front end already runs, and chunks this large run
-# as fast as one pass over all points or faster (benchmarks/results/cpu-sampling.json).
+# through the network, a run-time option that no export fixes. A chunk of this size is a batch any front end
+# already runs, and chunks this large run as fast as one pass over all points or faster
+# (benchmarks/results/cpu-sampling.json).
 SAMPLE_BATCH = 16
 
 

@@ -107,7 +107,8 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
     (the photo, then each explained class's overlays) and `out_dir/results.jsonl`. Files that are not
     readable images, and those whose PNG cannot be written, are skipped and listed in `Report.failed`; the others
     are still explained. `score(images, explanation)`, when given, returns `{method: {metric: [B, K]}}` (see
-    `fastattr.metrics.evaluate`), written to each line as "metrics". Files in folders without an image suffix are not read (`Report.passed_over`), nor is
+    `fastattr.metrics.evaluate`), written to each line as "metrics".
+    Files in folders without an image suffix are not read (`Report.passed_over`), nor is
     `out_dir` when it is inside a folder given. Raises InputError, before any work, for a `batch_size` below 1,
     an `out_dir` that cannot be written, or `paths` that hold no image file."""
     from tqdm.auto import tqdm

@@ -19,10 +19,10 @@ __all__ = ["init_local_ray", "is_loopback"]
 
 
 # Ray Serve kills an HTTP proxy that does not answer its readiness check in time, or fails its health check
-# (each with its own timeout) three times in a row, and `serve.run` then fails with ActorDiedError. On a small machine whose cores are busy (a
-# replica compiling, a test suite beside it) the proxy is alive but slow to be scheduled: CI's run of
-# tests/test_serve_soak.py failed this way on 2 cores. A local instance gives the proxy a minute; a user's own
-# `runtime_env` env_vars still win.
+# (each with its own timeout) three times in a row, and `serve.run` then fails with ActorDiedError. On a small
+# machine whose cores are busy (a replica compiling, a test suite beside it) the proxy is alive but slow to be
+# scheduled: CI's run of tests/test_serve_soak.py failed this way on 2 cores. A local instance gives the proxy
+# a minute; a user's own `runtime_env` env_vars still win.
 PATIENT_SERVE_PROXY = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
