@@ -76,6 +76,7 @@ def reference_curve(net, x, maps, classes, steps, baseline, reveal):
     return scores
 
 
+@pytest.mark.slow  # float64 copies one at a time
 @pytest.mark.parametrize("reveal", [False, True])
 def test_curves_on_resnet18_equal_building_each_copy_one_at_a_time(reveal):
     net, x = model("resnet18", torch.float64), images(2, torch.float64)
@@ -119,6 +120,7 @@ def test_average_drop_and_increase_in_confidence_follow_the_grad_cam_plus_plus_d
     assert metrics.increase_in_confidence(net, x, half, classes).tolist() == [[True, False]]
 
 
+@pytest.mark.slow  # a peer's pass per class
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_confidence_change_equals_pytorch_grad_cams_cam_mult_image_confidence_change(name):
     pytest.importorskip("pytorch_grad_cam")
@@ -168,6 +170,7 @@ def test_a_model_in_training_mode_is_refused():
 
 # --- the command line -------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # the command line end to end
 def test_fastattr_explain_writes_each_metric_per_method_and_class_as_a_direct_call_gives(tmp_path):
     import json
     from pathlib import Path

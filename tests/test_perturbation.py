@@ -204,6 +204,7 @@ def test_score_cam_equals_masking_the_image_by_each_channel_one_at_a_time(arch):
     torch.testing.assert_close(out.maps["scorecam"], want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow  # a forward per window
 @pytest.mark.parametrize("arch", LAYERS)
 def test_occlusion_equals_occluding_one_window_at_a_time(arch):
     net, x = model(arch, torch.float64), images(2, torch.float64)
