@@ -82,6 +82,7 @@ def test_plain_inference_for_a_time_budget():
     assert row[0] == "2" and row[-1] == "-"  # no warm-up call, so no first-call time
 
 
+@pytest.mark.slow  # an ONNX export of a whole model
 def test_the_onnx_backend_exports_and_runs_in_onnxruntime(tmp_path):
     path = tmp_path / "onnx.json"
     with contextlib.redirect_stdout(io.StringIO()):

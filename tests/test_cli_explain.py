@@ -72,6 +72,7 @@ def test_layers_lists_candidates_and_marks_the_default(capsys):
     assert "bn2  (default)" in lines and "blocks.6.0.conv_pwl" in lines
 
 
+@pytest.mark.slow  # an ONNX export of a whole model
 def test_explain_runs_an_onnx_export_and_refuses_a_k_or_noise_other_than_its_own(tmp_path, capsys):
     onnx = tmp_path / "r18.onnx"
     assert cli.main(["export", "--model", "resnet18", "--layer", "layer4", "--k", "2", "--input-size", "64",
