@@ -169,9 +169,11 @@ class Explainer:
         self._sampled = sorted(self.reads & _methods.SAMPLED.keys())
         # Whether calls take a standard-normal draw `[N, samples, C, H, W]` (an input of compiled and exported graphs).
         self.draws_noise = any(_methods.SAMPLED[name].along == "noise" for name in self._sampled)
+        self._walks_path = any(_methods.SAMPLED[name].along == "path" for name in self._sampled)
         self.sample_batch = None if sample_batch is None else _count("sample_batch", sample_batch)
         self.window = _count("window", window)
         self.stride = max(1, self.window // 2) if stride is None else _count("stride", stride)
+        perturb.check_stride(self.window, self.stride)
         self._check_perturbation(reshape, compile)
         self.k_form: graph.KForm = "loop" if k_form == "auto" else k_form
         self._stem = _first(model, nn.modules.conv._ConvNd)
@@ -224,8 +226,8 @@ class Explainer:
         if noise is not None:
             self._check_noise(images, noise)
         if "occlusion_drops" in self.reads:
-            perturb.check_window(self.window, self.stride, tuple(images.shape[-2:]))
-        takes_baseline = "occlusion_drops" in self.reads or any(_methods.SAMPLED[r].along == "path" for r in self._sampled)
+            perturb.check_window_fits(self.window, tuple(images.shape[-2:]))
+        takes_baseline = "occlusion_drops" in self.reads or self._walks_path
         if takes_baseline and isinstance(self.baseline, Tensor) \
                 and tuple(self.baseline.shape[-3:]) != tuple(images.shape[1:]):
             raise InputError(f"baseline: shape {list(self.baseline.shape)} does not match the images "
@@ -353,16 +355,17 @@ class Explainer:
             acts = tokens.to_grid(self._layout, acts, ndim, size)
             acts_grads = tokens.to_grid(self._layout, acts_grads, ndim, size) if acts_grads is not None else None
         values = {"images": images, "acts": acts, "acts_grads": acts_grads, "input_grads": p.input_grads}
-        completeness = None
-        if self._sampled:
-            values.update(self._sampled_reads(images, classes, noise))
-        if "path_grads" in reads:
+        completeness, baseline = None, None
+        if self._walks_path:
             baseline = self._baseline_like(images)
-            deltas = values["deltas"] = images - baseline
+            values["deltas"] = images - baseline
+        if self._sampled:
+            values.update(self._sampled_reads(images, classes, noise, baseline, values.get("deltas")))
+        if "path_grads" in reads:
             with torch.no_grad():
                 baseline_logits = self._whole.head(baseline)
             gains = p.logits.gather(1, classes) - baseline_logits.expand(images.shape[0], -1).gather(1, classes)
-            completeness = _methods.completeness_error(deltas, values["path_grads"], gains)
+            completeness = _methods.completeness_error(values["deltas"], values["path_grads"], gains)
         if reads & _methods.PERTURBED:
             values.update(self._perturbed(images, acts, p, classes))
         if "guided_grads" in reads:
@@ -370,9 +373,11 @@ class Explainer:
                                                             k_form=self.k_form).input_grads
         return p.logits, classes, values, completeness
 
-    def _sampled_reads(self, images: Tensor, classes: Tensor, noise: Tensor | None) -> dict[str, Tensor]:
+    def _sampled_reads(self, images: Tensor, classes: Tensor, noise: Tensor | None, baseline: Tensor | None,
+                       deltas: Tensor | None) -> dict[str, Tensor]:
         """Each sampled read the methods need (`methods.SAMPLED`): the weighted sum over the points around each
-        image of its fold of the input gradients there, max(1, sample_batch // N) points per image at a time."""
+        image of its fold of the input gradients there, max(1, sample_batch // N) points per image at a time.
+        Path points run from `baseline` along `deltas` (images - baseline), both made once by `_passes`."""
         per_chunk, values = self._points_per_chunk(images.shape[0]), {}
         for name in self._sampled:
             sampled = _methods.SAMPLED[name]
@@ -382,8 +387,6 @@ class Explainer:
                                                           device=images.device)
                 points = lambda a, b: images.unsqueeze(1) + spread * noise[:, a:b]  # noqa: E731
             else:
-                baseline = self._baseline_like(images)
-                deltas = images - baseline
                 alphas, weights = (torch.tensor(v, dtype=images.dtype, device=images.device) for v in self._path)
                 count = self.steps
                 points = lambda a, b: baseline.unsqueeze(1) + alphas[a:b].view(1, -1, 1, 1, 1) * deltas.unsqueeze(1)  # noqa: E731
