@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import MethodError
+from .errors import InputError, MethodError
 from .graph import Split, scores_of_copies
 
-__all__ = ["ablated_scores", "masked_scores", "occlusion_drops", "window_starts", "check_window"]
+__all__ = ["ablated_scores", "masked_scores", "occlusion_drops", "window_starts", "check_stride", "check_window_fits"]
 
 
 def ablated_scores(s: Split, acts: Tensor, carried: tuple | None, images: Tensor, classes: Tensor, channel_axis: int,
@@ -83,15 +83,18 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
 
 
-def check_window(window: int, stride: int, size: tuple[int, int]) -> None:
-    """Refuse a window larger than the image, and a stride larger than the window (pixels between windows
-    would have no score drop to average)."""
+def check_stride(window: int, stride: int) -> None:
+    """Refuse a stride larger than the window: pixels between windows would have no score drop to average."""
     if stride > window:
         raise MethodError(f"stride: {stride} pixels is larger than the window ({window}), which leaves pixels no "
                           f"window covers; pass a stride of at most {window}")
+
+
+def check_window_fits(window: int, size: tuple[int, int]) -> None:
+    """Refuse images smaller than the window, an InputError as every other mismatch of option and images."""
     if window > min(size):
-        raise MethodError(f"window: {window} pixels is larger than the images ({size[0]}x{size[1]}); pass a window "
-                          f"of at most {min(size)}")
+        raise InputError(f"window: {window} pixels is larger than the images ({size[0]}x{size[1]}); pass a window "
+                         f"of at most {min(size)}, or larger images")
 
 
 def _cover(size: int, window: int, stride: int, like: Tensor) -> Tensor:

@@ -6,12 +6,7 @@ of one pass; memory does not grow with the number of copies. The peers' versions
 tests/test_peers.py.
 """
 
-import json
 import math
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +15,7 @@ from torch import nn
 
 import fastattr
 from fastattr.methods import PERTURBED
+import peak
 from models import images, model
 
 PERTURBATION_METHODS = ("ablationcam", "scorecam", "occlusion")
@@ -247,38 +243,20 @@ def test_perturbation_methods_share_one_call_with_the_gradient_methods():
         torch.testing.assert_close(together.maps[method], alone.maps[method], rtol=0, atol=1e-6)
 
 
-PEAK = textwrap.dedent("""
-    import json, sys
-    import torch, torchvision
-    import fastattr
-
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18().eval()
-    window, stride, sample_batch = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
-    x = torch.randn(1, 3, 96, 96)
-    explainer = fastattr.Explainer(net, methods="occlusion", window=window, stride=stride, sample_batch=sample_batch)
-    fastattr.Explainer(net, methods="occlusion", window=96, sample_batch=sample_batch)(x)  # warm: one copy
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    explainer(x)
-    print(json.dumps((status("VmHWM") - before) / 1024))
-""")
-
-
 def added_peak_mib(window: int, stride: int, sample_batch: int | None) -> float:
-    out = subprocess.run([sys.executable, "-c", PEAK, str(window), str(stride), json.dumps(sample_batch)],
-                         capture_output=True, text=True, check=True, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return peak.added_peak_mib(f"""
+        import torch, torchvision, fastattr
+        torch.manual_seed(0)
+        net = torchvision.models.resnet18().eval()
+        x = torch.randn(1, 3, 96, 96)
+        explainer = fastattr.Explainer(net, methods="occlusion", window={window}, stride={stride},
+                                       sample_batch={sample_batch!r})
+        fastattr.Explainer(net, methods="occlusion", window=96, sample_batch={sample_batch!r})(x)  # warm: one copy
+        """, "explainer(x)")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak with Linux's VmHWM")
+@peak.needs_vmhwm
 def test_peak_memory_of_529_occluded_copies_stays_that_of_one_chunk():
     # 96x96: window 8, stride 4 places ceil(88 / 4) + 1 = 23 windows a side, 529 copies; window 32, stride 32
     # places ceil(64 / 32) + 1 = 3 a side, 9 copies.
@@ -297,15 +275,15 @@ def test_a_window_or_stride_that_is_not_a_positive_int_is_refused(option, bad):
 
 
 def test_a_window_larger_than_the_image_is_refused_before_any_forward():
-    with pytest.raises(fastattr.MethodError, match=r"window: 3 pixels is larger than the images \(2x2\); pass a "
-                                                   r"window of at most 2"):
+    with pytest.raises(fastattr.InputError, match=r"window: 3 pixels is larger than the images \(2x2\); pass a "
+                                                  r"window of at most 2, or larger images"):
         fastattr.Explainer(tiny_net(), methods="occlusion", window=3)(X)
 
 
-def test_a_stride_larger_than_the_window_is_refused_since_it_leaves_pixels_uncovered():
+def test_a_stride_larger_than_the_window_is_refused_when_the_explainer_is_made_since_it_leaves_pixels_uncovered():
     with pytest.raises(fastattr.MethodError, match=r"stride: 3 pixels is larger than the window \(2\), which leaves "
                                                    r"pixels no window covers; pass a stride of at most 2"):
-        fastattr.Explainer(tiny_net(), methods="occlusion", window=2, stride=3)(X)
+        fastattr.Explainer(tiny_net(), methods="occlusion", window=2, stride=3)
 
 
 def test_the_stride_defaults_to_half_the_window():

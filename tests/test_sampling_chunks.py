@@ -1,16 +1,12 @@
 """SmoothGrad and Integrated Gradients run their N * samples (N * steps) points in chunks of `sample_batch` images:
 the maps are those of one pass over all points, and memory does not grow with samples or steps."""
 
-import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastattr
+import peak
 from models import images, model
 
 POINTS = {"samples": 7, "steps": 9}  # odd counts, so chunks of 2 or 4 points per image leave a remainder
@@ -56,36 +52,20 @@ def test_the_default_chunk_is_sixteen_images():
     assert fastattr.Explainer(model("resnet18"), methods=("ig",)).sample_batch == 16
 
 
-PEAK = textwrap.dedent("""
-    import json, re, sys
-    import torch, torchvision, fastattr
-    torch.set_num_threads(1)
-    method, count, sample_batch = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-
-    def status(field):  # kB
-        return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-
-    net = torchvision.models.resnet18(num_classes=10).eval()
-    x = torch.randn(2, 3, 96, 96)
-    explainer = fastattr.Explainer(net, methods=(method,), samples=count, steps=count, sample_batch=sample_batch)
-    fastattr.Explainer(net, layer="layer4", methods=("gradcam",))(x)  # the model and one plain pass in memory
-    # The peak is measured from here: Linux resets VmHWM to the current RSS when "5" is written to clear_refs.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    explainer(x)
-    print(json.dumps((status("VmHWM") - before) / 1024))
-""")
-
-
 def added_peak_mib(method: str, count: int, sample_batch: int | None) -> float:
-    out = subprocess.run([sys.executable, "-c", PEAK, method, str(count), json.dumps(sample_batch)],
-                         capture_output=True, text=True, check=True, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return peak.added_peak_mib(f"""
+        import torch, torchvision, fastattr
+        torch.set_num_threads(1)
+        net = torchvision.models.resnet18(num_classes=10).eval()
+        x = torch.randn(2, 3, 96, 96)
+        explainer = fastattr.Explainer(net, methods=({method!r},), samples={count}, steps={count},
+                                       sample_batch={sample_batch!r})
+        fastattr.Explainer(net, layer="layer4", methods=("gradcam",))(x)  # the model and one plain pass in memory
+        """, "explainer(x)")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak with Linux's VmHWM")
+@peak.needs_vmhwm
 @pytest.mark.parametrize("method", ["ig", "smoothgrad"])
 def test_peak_memory_is_flat_in_the_number_of_points(method):
     few, many = added_peak_mib(method, 8, 8), added_peak_mib(method, 64, 8)
