@@ -8,7 +8,10 @@ plain-inference images/s by it. Peers on the same images, layer and class (the t
   "layer3": it reruns the whole network per ablated channel, fastattr only the head above the layer;
 - occlusion: captum's `Occlusion` with `perturbations_per_eval=16` (its batching; the default is 1), a 32-pixel
   window and stride 16;
-- deletion: 32 steps (33 forwards), no peer installed here.
+- deletion: 32 steps (33 forwards), no peer installed here;
+- ROAD: pytorch-grad-cam's `ROADCombined` at its percentiles 10, 20, ..., 90 (a scipy solve per image, channel
+  and removal, and a clean forward per percentile and order); fastattr's `metrics.road` at the same, one clean
+  forward and 18 imputed copies (19 forwards), its imputation solved in torch.
 """
 
 import pytest
@@ -59,6 +62,23 @@ def deletion_case():
     return lambda: metrics.deletion(net, x, out.maps["gradcam"], out.classes, steps=STEPS, sample_batch=CHUNK)
 
 
+def road_case():
+    net, x = model(NAME), images(1)
+    out = fastattr.Explainer(net, layer="layer4", methods="gradcam")(x, k=1)
+    return lambda: metrics.road(net, x, out.maps["gradcam"], out.classes, sample_batch=CHUNK)
+
+
+def grad_cam_road_case():
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    net, x = model(NAME), images(1)
+    out = fastattr.Explainer(net, layer="layer4", methods="gradcam")(x, k=1)
+    maps, target = out.maps["gradcam"][:, 0].numpy(), [ClassifierOutputSoftmaxTarget(int(out.classes[0, 0]))]
+    peer = ROADCombined(percentiles=list(metrics.ROAD_PERCENTILES))
+    return lambda: peer(x, maps, target, net)
+
+
 def plain_case():
     net, x = model(NAME), images(CHUNK)
 
@@ -84,6 +104,8 @@ CASES = {
     "fastattr-occlusion": ("occlusion", 1, WINDOWS, lambda: fastattr_case("occlusion")),
     "captum-occlusion": ("occlusion", 1, WINDOWS, captum_occlusion_case),
     "fastattr-deletion": ("deletion", 1, STEPS + 1, deletion_case),
+    "fastattr-road": ("road", 1, 2 * len(metrics.ROAD_PERCENTILES) + 1, road_case),
+    "pytorch-grad-cam-road": ("road", 1, 2 * len(metrics.ROAD_PERCENTILES) + 1, grad_cam_road_case),
 }
 
 

@@ -8,6 +8,9 @@ chunks of `sample_batch` images (`graph.scores_of_copies`), so memory does not g
 - `confidence_change`, `average_drop` and `increase_in_confidence` (Chattopadhay et al., Grad-CAM++, WACV 2018;
   pytorch-grad-cam's `CamMultImageConfidenceChange`, `DropInConfidence`, `IncreaseInConfidence`): the class
   score of the image multiplied by its [0, 1] map, against the image's own.
+- `road` (Rong et al., ROAD, ICML 2022; pytorch-grad-cam's `ROADCombined`): remove the most (least) relevant
+  pixels at several percentiles by noisy linear imputation (`fastattr.imputation`), which leaves no hole whose
+  shape tells the model what was removed, and compare the score changes. Higher: more faithful.
 
 `model` is any function images -> logits `[N, num_classes]` (a classifier in eval mode). Scores are softmax
 probabilities unless `probability=False` (then logits). `maps [N, K, H, W]` and `classes [N, K]` are an
@@ -29,9 +32,10 @@ from torch import Tensor, nn
 from .errors import InputError, TargetError, at_least
 from .explain import SAMPLE_BATCH, check_eval_mode, check_finite
 from .graph import scores_of_copies
+from .imputation import noisy_linear_imputation
 
-__all__ = ["Curve", "METRICS", "deletion", "insertion", "confidence_change", "average_drop", "increase_in_confidence",
-           "evaluate", "parse_metrics"]
+__all__ = ["Curve", "Road", "Evaluation", "METRICS", "CURVES", "deletion", "insertion", "confidence_change",
+           "average_drop", "increase_in_confidence", "road", "evaluate", "evaluation", "parse_metrics"]
 
 Baseline = float | Tensor | str
 
@@ -88,6 +92,73 @@ def increase_in_confidence(model: Callable[[Tensor], Tensor], images: Tensor, ma
     return masked > original
 
 
+@dataclass(frozen=True)
+class Road:
+    """ROAD's score changes at each of `percentiles`: `most_relevant_first [N, K, P]`, score(copy) - score(image)
+    with the pixels at or above the map's p-th percentile imputed (the top 100 - p %), `least_relevant_first
+    [N, K, P]` with the pixels at or below its (100 - p)-th percentile imputed (the bottom 100 - p %), and
+    `combined [N, K]` = (mean LeRF - mean MoRF) / 2 over the percentiles (pytorch-grad-cam's `ROADCombined`)."""
+
+    percentiles: tuple[float, ...]
+    most_relevant_first: Tensor
+    least_relevant_first: Tensor
+    combined: Tensor
+
+
+ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+
+
+def road(model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor, classes: Tensor, *,
+         percentiles: Sequence[float] = ROAD_PERCENTILES, noise: float = 0.01, seed: int = 0,
+         probability: bool = True, sample_batch: int = SAMPLE_BATCH) -> Road:
+    """ROAD, Remove And Debias (Rong et al., 2022): for each percentile p, the score change when the 100 - p %
+    most relevant pixels of the map are removed (MoRF: a faithful map makes the score fall) and when the
+    100 - p % least relevant are (LeRF: the score should hold), each removal filled by noisy linear imputation
+    (`noise` times a standard normal draw, seeded by `seed`, the same whatever `sample_batch` is).
+
+    The thresholds are those of pytorch-grad-cam's `RemoveMostRelevantFirst` / `RemoveLeastRelevantFirst`
+    (MoRF removes map >= quantile(map, p), LeRF removes 1 - map >= quantile(1 - map, p)); every copy of every
+    image, class and percentile is imputed and scored in chunks of `sample_batch` images, on the images' device.
+
+    >>> r = road(model, images, out.maps["gradcam"], out.classes)              # doctest: +SKIP
+    >>> r.combined.shape, r.most_relevant_first.shape     # [N, K], [N, K, 9]  # doctest: +SKIP
+    """
+    at_least("sample_batch", sample_batch, 1)
+    at_least("noise", noise, 0, float)
+    at_least("seed", seed, 0)
+    percentiles = tuple(percentiles)
+    if not percentiles or any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 100
+                              for p in percentiles):
+        raise InputError(f"percentiles: expected numbers strictly between 0 and 100, got {percentiles!r}")
+    classes = _check(model, images, maps, classes)
+    n, k = classes.shape
+    h, w = images.shape[-2:]
+    score = _scorer(model, probability)
+    with torch.no_grad():
+        original = score(images).gather(1, classes)  # [N, K]
+    rows = images.repeat_interleave(k, 0)  # one row per (image, class), with its own map
+    flat = maps.reshape(n * k, h * w).to(images.dtype)
+    q = [p / 100 for p in percentiles]
+    # Copy j < P removes the most relevant pixels at percentile j, copy P + j the least relevant.
+    thresholds = torch.cat([_quantiles(flat, q), _quantiles(1 - flat, q)], 1)  # [NK, 2P]
+    relevance = torch.stack([flat, 1 - flat], 1).view(n * k, 2, 1, h, w)
+    count = 2 * len(percentiles)
+
+    def copies(start: int, stop: int) -> Tensor:
+        parts = []
+        for j in range(start, stop):  # one imputation of all rows per copy index: its noise is its own
+            removed = relevance[:, j // len(percentiles)] >= thresholds[:, j].view(-1, 1, 1, 1)
+            generator = torch.Generator(images.device).manual_seed(seed * 1_000_003 + j)
+            parts.append(noisy_linear_imputation(rows, removed, noise=noise, generator=generator))
+        return torch.stack(parts, 1)
+
+    per_chunk = max(1, sample_batch // (n * k))
+    changes = scores_of_copies(score, copies, count, classes.reshape(n * k, 1), per_chunk).view(n, k, count)
+    changes = changes - original.unsqueeze(-1)
+    morf, lerf = changes[..., :len(percentiles)], changes[..., len(percentiles):]
+    return Road(percentiles, morf, lerf, (lerf.mean(-1) - morf.mean(-1)) / 2)
+
+
 # Each metric as one number per image and class, by name: what `evaluate` (and `fastattr explain --metrics`)
 # reports. The curves give their areas.
 METRICS: dict[str, Callable[..., Tensor]] = {
@@ -96,6 +167,7 @@ METRICS: dict[str, Callable[..., Tensor]] = {
     "average-drop": lambda model, x, maps, classes, steps: average_drop(model, x, maps.clamp(0, 1), classes),
     "increase-in-confidence": lambda model, x, maps, classes, steps: increase_in_confidence(
         model, x, maps.clamp(0, 1), classes).to(x.dtype),
+    "road": lambda model, x, maps, classes, steps: road(model, x, maps, classes).combined,
 }
 
 
@@ -113,6 +185,43 @@ def parse_metrics(value: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+# The metrics that are curves: `evaluation` keeps their scores after each step besides their areas.
+CURVES: dict[str, Callable[..., Curve]] = {"deletion": deletion, "insertion": insertion}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """`values {method: {metric: [N, K]}}` (curves by their area) and `curves {metric: {method: [N, K, steps +
+    1]}}`, the deletion and insertion curves among the metrics asked for."""
+
+    values: dict[str, dict[str, Tensor]]
+    curves: dict[str, dict[str, Tensor]]
+
+
+def evaluation(model: Callable[[Tensor], Tensor], images: Tensor, maps: Mapping[str, Tensor], classes: Tensor,
+               names: Sequence[str] = tuple(METRICS), *, steps: int = 32) -> Evaluation:
+    """Each named metric (`METRICS`) of each method's maps (an Explanation's `maps`, upsampled and normalised)
+    for its classes, with the deletion and insertion curves themselves (what `fastattr explain --metrics` draws).
+
+    >>> e = evaluation(model, images, out.maps, out.classes, ("deletion", "road"))  # doctest: +SKIP
+    >>> e.values["gradcam"]["road"].shape, e.curves["deletion"]["gradcam"].shape    # [N, K], [N, K, 33]  # doctest: +SKIP
+    """
+    names = parse_metrics(names)
+    values: dict[str, dict[str, Tensor]] = {}
+    curves: dict[str, dict[str, Tensor]] = {}
+    for method, m in maps.items():
+        m = m.to(images.dtype)
+        values[method] = {}
+        for name in names:
+            if name in CURVES:
+                curve = CURVES[name](model, images, m, classes, steps=steps)
+                values[method][name] = curve.area
+                curves.setdefault(name, {})[method] = curve.scores
+            else:
+                values[method][name] = METRICS[name](model, images, m, classes, steps)
+    return Evaluation(values, curves)
+
+
 def evaluate(model: Callable[[Tensor], Tensor], images: Tensor, maps: Mapping[str, Tensor], classes: Tensor,
              names: Sequence[str] = tuple(METRICS), *, steps: int = 32) -> dict[str, dict[str, Tensor]]:
     """`{method: {metric: [N, K]}}`: each named metric (`METRICS`) of each method's maps (an Explanation's
@@ -121,9 +230,7 @@ def evaluate(model: Callable[[Tensor], Tensor], images: Tensor, maps: Mapping[st
     >>> scores = evaluate(model, images, out.maps, out.classes, ("deletion", "insertion"))  # doctest: +SKIP
     >>> scores["gradcam"]["deletion"].shape                 # [N, K]  # doctest: +SKIP
     """
-    names = parse_metrics(names)
-    return {method: {name: METRICS[name](model, images, m.to(images.dtype), classes, steps) for name in names}
-            for method, m in maps.items()}
+    return evaluation(model, images, maps, classes, names, steps=steps).values
 
 
 def blurred(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
@@ -159,6 +266,17 @@ def _curve(model, images, maps, classes, steps, baseline, probability, sample_ba
     scores = scores_of_copies(_scorer(model, probability), copies, steps + 1, classes.reshape(n * k, 1), per_chunk)
     scores = scores.view(n, k, steps + 1)
     return Curve(scores, torch.trapezoid(scores, dx=1.0 / steps, dim=-1))
+
+
+def _quantiles(values: Tensor, q: Sequence[float]) -> Tensor:
+    """`[R, len(q)]`: each row's q-quantiles, interpolated linearly between order statistics as numpy's
+    `percentile` does. By sorting, since `torch.quantile` refuses more than 2**24 values."""
+    ordered = values.sort(dim=1).values
+    position = torch.tensor(q, dtype=values.dtype, device=values.device) * (values.shape[1] - 1)
+    below = position.floor().long()
+    above = (below + 1).clamp_max(values.shape[1] - 1)
+    low, high = ordered[:, below], ordered[:, above]
+    return low + (high - low) * (position - below)
 
 
 def _masked_scores(model, images, maps, classes, probability) -> tuple[Tensor, Tensor]:
