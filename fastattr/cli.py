@@ -46,23 +46,24 @@ def explain(args: argparse.Namespace) -> int:
                         ("--metric-steps", args.metric_steps))
     found, passed_over = files.find_images(args.paths, args.output)
     files.check_output(args.output, "-o")
-    if args.ray:
-        return _explain_on_ray(args, found)
-    spec, score = spec_from_args(args), None
     if args.metrics is not None:
         from . import metrics
 
         names = metrics.parse_metrics(args.metrics)
         if args.ray:
             raise InputError("--metrics: written to results.jsonl by the local run; drop --ray or --metrics")
+    if args.ray:
+        return _explain_on_ray(args, found)
+    spec, score = spec_from_args(args), None
+    if args.metrics is not None:
         if spec.export_file is not None or (spec.backend or "eager") not in ("eager", "compiled"):
             raise InputError(f"--metrics: scoring perturbed images needs the torch model, and {spec.model} runs on "
                              f"the {spec.backend or spec.export_file.suffix[1:]} backend; use a model name with "
                              "--backend eager or compiled")
     pipeline = build(spec, "--")
     if args.metrics is not None:
-        score = lambda images, out: metrics.evaluate(pipeline.model, images.to(pipeline.spec.device), out.maps,  # noqa: E731
-                                                     out.classes, names, steps=args.metric_steps)
+        score = lambda images, out: metrics.evaluation(pipeline.model, images.to(pipeline.spec.device),  # noqa: E731
+                                                       out.maps, out.classes, names, steps=args.metric_steps)
     report = files.explain_files(found, pipeline, args.output, size=pipeline.input_size,
                                  batch_size=args.batch_size, class_names=pipeline.names, progress=not args.no_progress,
                                  score=score)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     xp.add_argument("--no-progress", action="store_true", help="no progress bar")
     xp.add_argument("--metrics", metavar="LIST",
                     help="faithfulness metrics per image, class and method, written to results.jsonl: any of "
-                         "deletion, insertion (curve areas), average-drop, increase-in-confidence (fastattr.metrics)")
+                         "deletion, insertion (curve areas), road, average-drop, increase-in-confidence (fastattr.metrics)")
     xp.add_argument("--metric-steps", type=int, default=32, metavar="N",
                     help="with --metrics: steps of the deletion and insertion curves (default 32)")
     xp.add_argument("--ray", action="store_true",

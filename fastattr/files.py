@@ -19,6 +19,7 @@ from torch import Tensor
 from . import images as _images, overlay
 from .errors import InputError
 from .explain import Explanation
+from .metrics import Evaluation
 
 __all__ = ["Report", "explain_files", "find_images", "check_output", "map_statistics"]
 
@@ -100,14 +101,15 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                   size: int = 224, batch_size: int = 8, class_names: Sequence[str] | None = None,
                   device: str | torch.device = "cpu", mean: Sequence[float] = _images.IMAGENET_MEAN,
                   std: Sequence[float] = _images.IMAGENET_STD, progress: bool = True,
-                  score: Callable[[Tensor, Explanation], dict] | None = None) -> Report:
+                  score: Callable[[Tensor, Explanation], Evaluation] | None = None) -> Report:
     """Read the images under `paths`, explain them `batch_size` at a time with `explain` (a `Pipeline`, or any
     callable from normalised images `[B, 3, size, size]` on `device` to an Explanation with normalised maps),
     and write `out_dir/NAME.png`
     (the photo, then each explained class's overlays) and `out_dir/results.jsonl`. Files that are not
     readable images, and those whose PNG cannot be written, are skipped and listed in `Report.failed`; the others
-    are still explained. `score(images, explanation)`, when given, returns `{method: {metric: [B, K]}}` (see
-    `fastattr.metrics.evaluate`), written to each line as "metrics".
+    are still explained. `score(images, explanation)`, when given, returns a `fastattr.metrics.Evaluation`: its
+    values are written to each line as "metrics", and its curves (deletion, insertion) drawn into
+    `out_dir/NAME-curves.png`, named in the line as "curves".
     Files in folders without an image suffix are not read (`Report.passed_over`), nor is
     `out_dir` when it is inside a folder given. Raises InputError, before any work, for a `batch_size` below 1,
     an `out_dir` that cannot be written, or `paths` that hold no image file."""
@@ -138,14 +140,22 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                 for i, (path, _) in enumerate(batch):
                     png = _unique_png(out_dir, path, taken)
                     line = _describe(path, png, out, i, class_names)
+                    captions = [f"{name}  p={p:.2f}" for name, p in zip(line["names"], line["probabilities"])]
+                    maps = {method: m[i].clamp(0, 1) for method, m in out.maps.items()}
+                    pictures = [(png, overlay.grid(display[i], maps, captions, title=_printable(path.name)))]
                     if scores is not None:
                         line["metrics"] = {method: {name: [round(v, 4) for v in values[i].tolist()]
                                                     for name, values in by_metric.items()}
-                                           for method, by_metric in scores.items()}
-                    captions = [f"{name}  p={p:.2f}" for name, p in zip(line["names"], line["probabilities"])]
-                    maps = {method: m[i].clamp(0, 1) for method, m in out.maps.items()}
+                                           for method, by_metric in scores.values.items()}
+                    if scores is not None and scores.curves:
+                        chart = _unique_png(out_dir, Path(f"{png.stem}-curves"), taken)
+                        line["curves"] = chart.name
+                        rows = {name: {method: c[i] for method, c in by_method.items()}
+                                for name, by_method in scores.curves.items()}
+                        pictures.append((chart, overlay.curves(rows, captions, title=_printable(path.name))))
                     try:
-                        overlay.grid(display[i], maps, captions, title=_printable(path.name)).save(png)
+                        for where, picture in pictures:
+                            picture.save(where)
                     except OSError as exc:  # this PNG only: a folder in its place, say; the others are written
                         reason = f"{str(path)!r}: cannot write its PNG {str(png)!r} ({exc.strerror or exc})"
                         report.failed.append((path, reason))

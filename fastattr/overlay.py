@@ -1,4 +1,5 @@
-"""Heatmap overlays for display: colorize maps, blend them over images, lay them out in one picture.
+"""Pictures for display: colorize maps, blend them over images, lay them out in one picture; and faithfulness
+curves (deletion, insertion) as line charts, drawn with PIL so that fastattr does not depend on matplotlib.
 
 >>> import fastattr, fastattr.overlay as ov
 >>> out = fastattr.explain(model, x, layer="layer4", methods=("gradcam", "saliency"), k=3)  # doctest: +SKIP
@@ -17,7 +18,7 @@ from torch import Tensor
 from .errors import InputError
 from .postprocess import upsample
 
-__all__ = ["COLORMAP", "colorize", "blend", "to_pil", "grid"]
+__all__ = ["COLORMAP", "PALETTE", "colorize", "blend", "to_pil", "grid", "curves"]
 
 # matplotlib's "inferno" (van der Walt & Smith, released under CC0; generated with matplotlib 3.11
 # as `colormaps["inferno"](range(256))`), each channel rounded to 8 bits. Embedded so that fastattr
@@ -160,4 +161,74 @@ def grid(image: Tensor, maps: dict[str, Tensor], captions: Sequence[str], *,
             x = PAD + col * (w + PAD)
             draw.text((x, y), _fit(draw, text, font, w), fill=_INK, font=font)
             canvas.paste(tile, (x, y + CAPTION_H))
+    return canvas
+
+
+# One colour per method in `curves`: matplotlib's "tab10" qualitative palette (Vega's category10), in order.
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+PLOT_W, PLOT_H = 200, 120  # a panel's plotting area
+AXIS_W = 34                # room for the score labels left of a panel
+AXIS_H = FONT_SIZE + 4     # room for the fraction labels under a panel
+LEGEND_H = FONT_SIZE + 2   # one legend line per method under a panel
+
+
+def curve_point(fraction: float, score: float, top: float, origin: tuple[int, int]) -> tuple[float, float]:
+    """The pixel of (`fraction` of pixels removed or revealed, `score`) in a panel whose plotting area starts
+    at `origin` (left, top) and whose score axis runs from 0 to `top`."""
+    x0, y0 = origin
+    return x0 + fraction * (PLOT_W - 1), y0 + (1 - score / top) * (PLOT_H - 1)
+
+
+def curves(scores: dict[str, dict[str, Tensor]], captions: Sequence[str], *, title: str | None = None) -> Image.Image:
+    """One image's deletion and insertion curves: a row per class, a panel per curve, a line per method.
+
+    scores: curve name -> method -> `[K, steps + 1]`, the class's score after each step (a row of
+    `fastattr.metrics.Evaluation.curves`); captions: K strings. Each panel's score axis runs from 0 to its
+    highest score (labelled), its fraction axis from 0 to 1; the legend under it gives each method's colour
+    (`PALETTE`, in the order of the methods) and its area under the curve.
+
+    >>> curves({"deletion": {"gradcam": torch.tensor([[0.9, 0.2, 0.0]])}}, ["cat"]).size
+    (242, 174)
+    """
+    k = len(captions)
+    methods = list(dict.fromkeys(m for by_method in scores.values() for m in by_method))
+    for name, by_method in scores.items():
+        for method, s in by_method.items():
+            if s.ndim != 2 or s.shape[0] != k or s.shape[1] < 2:
+                raise InputError(f"curves: scores[{name!r}][{method!r}] must be [K, steps + 1] with K = "
+                                 f"len(captions) = {k} and at least one step, got shape {tuple(s.shape)}")
+    panel_w = AXIS_W + PLOT_W + PAD
+    panel_h = CAPTION_H + PLOT_H + AXIS_H + len(methods) * LEGEND_H + PAD
+    top = PAD + (TITLE_H if title else 0)
+    canvas = Image.new("RGB", (PAD + len(scores) * panel_w, top + k * panel_h), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(FONT_SIZE)
+    if title:
+        draw.text((PAD, PAD), _fit(draw, title, _font(TITLE_SIZE), canvas.width - 2 * PAD), fill=_INK,
+                  font=_font(TITLE_SIZE))
+    for row, caption in enumerate(captions):
+        for col, (name, by_method) in enumerate(scores.items()):
+            x, y = PAD + col * panel_w, top + row * panel_h
+            origin = (x + AXIS_W, y + CAPTION_H)
+            draw.text((x, y), _fit(draw, f"{name} · {caption}", font, panel_w - PAD), fill=_INK, font=font)
+            rows = {method: s[row].detach().double().cpu() for method, s in by_method.items()}
+            highest = max([float(s.max()) for s in rows.values()] + [1e-12])
+            draw.rectangle((origin[0] - 1, origin[1] - 1, origin[0] + PLOT_W, origin[1] + PLOT_H), outline=_INK)
+            draw.text((x, origin[1]), f"{highest:.2g}", fill=_INK, font=font)
+            draw.text((x, origin[1] + PLOT_H - FONT_SIZE), "0", fill=_INK, font=font)
+            draw.text((origin[0], origin[1] + PLOT_H + 2), "0", fill=_INK, font=font)
+            draw.text((origin[0] + PLOT_W - FONT_SIZE, origin[1] + PLOT_H + 2), "1", fill=_INK, font=font)
+            for i, method in enumerate(methods):
+                if method not in rows:
+                    continue
+                colour, s = PALETTE[i % len(PALETTE)], rows[method]
+                steps = s.shape[0] - 1
+                draw.line([curve_point(j / steps, float(v), highest, origin) for j, v in enumerate(s)], fill=colour,
+                          width=2)
+                area = float(torch.trapezoid(s, dx=1.0 / steps))
+                ly = origin[1] + PLOT_H + AXIS_H + i * LEGEND_H
+                draw.line((origin[0], ly + LEGEND_H // 2, origin[0] + 14, ly + LEGEND_H // 2), fill=colour, width=3)
+                draw.text((origin[0] + 18, ly), _fit(draw, f"{method}  area {area:.3f}", font, PLOT_W - 18),
+                          fill=_INK, font=font)
     return canvas

@@ -1,10 +1,12 @@
-"""fastattr.overlay: colormap, colorize, blend, to_pil and the grid picture."""
+"""fastattr.overlay: colormap, colorize, blend, to_pil, the grid picture and the curves chart."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fastattr
+from fastattr import overlay as ov
 from fastattr.overlay import CAPTION_H, COLORMAP, PAD, TITLE_H, blend, colorize, grid, to_pil
 
 
@@ -218,3 +220,33 @@ def test_grid_rejects_maps_whose_k_differs_from_the_captions():
     image, maps = _grid_inputs()
     with pytest.raises(ValueError, match=r"saliency.*K = len\(captions\) = 3.*\(2, 10, 12\)"):
         grid(image, {"saliency": maps["saliency"]}, CAPTIONS + ["tiger cat"])
+
+
+# --- curves -------------------------------------------------------------------------------------------------
+
+def pixels_near(picture, x: float, y: float, radius: int = 1) -> set:
+    return {picture.getpixel((round(x) + dx, round(y) + dy)) for dx in range(-radius, radius + 1)
+            for dy in range(-radius, radius + 1)}
+
+
+def test_curves_draw_each_methods_scores_in_its_palette_colour_where_the_axes_put_them():
+    # gradcam falls from 1 to 0 over two steps, saliency stays at 0.5: the panel's score axis tops at 1.
+    scores = {"deletion": {"gradcam": torch.tensor([[1.0, 0.5, 0.0]]), "saliency": torch.tensor([[0.5, 0.5, 0.5]])}}
+    chart = ov.curves(scores, ["cat"])
+    origin = (ov.PAD + ov.AXIS_W, ov.PAD + ov.CAPTION_H)
+    assert ov.PALETTE[0] in pixels_near(chart, *ov.curve_point(0.25, 0.75, 1.0, origin))  # gradcam at a quarter
+    assert ov.PALETTE[1] in pixels_near(chart, *ov.curve_point(0.9, 0.5, 1.0, origin))   # saliency, flat
+    assert ov.PALETTE[1] not in pixels_near(chart, *ov.curve_point(0.9, 0.9, 1.0, origin), radius=3)
+
+
+def test_curves_lay_out_a_row_per_class_and_a_panel_per_curve():
+    scores = {"deletion": {"gradcam": torch.rand(3, 5)}, "insertion": {"gradcam": torch.rand(3, 5)}}
+    chart = ov.curves(scores, ["a", "b", "c"], title="x.jpg")
+    row = ov.CAPTION_H + ov.PLOT_H + ov.AXIS_H + ov.LEGEND_H + ov.PAD
+    assert chart.size == (ov.PAD + 2 * (ov.AXIS_W + ov.PLOT_W + ov.PAD), ov.PAD + ov.TITLE_H + 3 * row)
+
+
+def test_curves_refuse_scores_that_are_not_one_row_per_caption():
+    with pytest.raises(fastattr.InputError, match=r"curves: scores\['deletion'\]\['gradcam'\] must be \[K, steps \+ 1\] "
+                                                  r"with K = len\(captions\) = 2"):
+        ov.curves({"deletion": {"gradcam": torch.rand(3, 5)}}, ["a", "b"])
