@@ -5,13 +5,19 @@
 
     fastattr bench --model resnet50.onnx --batch-sizes 1,8          # a fastattr export: .onnx or .pt2
 
+    fastattr bench --model resnet18 --methods scorecam              # a perturbation method, as any method
+
+    fastattr bench --model resnet18 --metric deletion --metric-steps 32   # a faithfulness metric of the maps
+
 For each batch size it builds random images (fixed seed), makes `--warmup` untimed calls (the first one,
 which compiles for `--backend compiled`, is reported as `first_call_s`), then times `--iters` calls and/or
 calls for `--seconds`, and prints p50 / p90 / p99 / mean latency in ms and images/s (the batch over the
 median). What is timed is built as every entry point builds it (`fastattr.pipeline`): `eager` and `compiled` run
 `fastattr.Explainer`, `onnx` and `pt2` export the graph to a temporary file and run it in onnxruntime or as a
 torch.export program; `inference` is the plain model forward under `torch.inference_mode`, the floor to
-compare with. A file given as `--model` carries its own methods, k, layer and input size.
+compare with. A file given as `--model` carries its own methods, k, layer and input size. `--metric NAME` times
+`fastattr.metrics.METRICS[NAME]` of the first method's maps of each batch (made once, untimed) instead of the
+explanation; it needs the torch model (`eager` or `compiled`).
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write the rows and the settings to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--metric", metavar="NAME",
+                        help="time this faithfulness metric (fastattr.metrics: deletion, insertion, road, ...) of "
+                             "the first method's maps, made once per batch size, instead of explaining")
+    parser.add_argument("--metric-steps", type=int, default=32, metavar="N",
+                        help="with --metric: steps of the deletion and insertion curves (default 32)")
 
 
 def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, float]:
@@ -88,6 +99,8 @@ class Settings:
     warmup: int
     iters: int | None
     seconds: float | None
+    metric: str | None = None
+    metric_steps: int = 32
 
 
 @dataclass
@@ -145,7 +158,20 @@ def settings_of(args: argparse.Namespace) -> Settings:
     if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
         raise _Usage(f"--seconds: must be a positive number, got {args.seconds}")
     iters = DEFAULTS["iters"] if args.iters is None and args.seconds is None else args.iters
-    return Settings(sizes, torch.device(args.device), args.warmup, iters, args.seconds)
+    metric = None
+    if args.metric is not None:
+        from . import metrics
+
+        names = metrics.parse_metrics(args.metric)
+        if len(names) != 1:
+            raise _Usage(f"--metric {args.metric!r}: times one metric; pass one of {', '.join(metrics.METRICS)}")
+        metric = names[0]
+        if args.metric_steps < 1:
+            raise _Usage(f"--metric-steps: must be >= 1, got {args.metric_steps}")
+        if (args.backend or "eager") not in ("eager", "compiled") or Path(args.model or "").suffix in (".onnx", ".pt2"):
+            raise _Usage(f"--metric: scores perturbed images with the torch model; use a model name with --backend "
+                         f"eager or compiled, not {args.model if Path(args.model or '').suffix else args.backend}")
+    return Settings(sizes, torch.device(args.device), args.warmup, iters, args.seconds, metric, args.metric_steps)
 
 
 def target_of(args: argparse.Namespace, settings: Settings) -> Target:
@@ -176,9 +202,31 @@ def target_of(args: argparse.Namespace, settings: Settings) -> Target:
         classes = torch.randint(0, built.num_classes, (n, built.fixed_k), generator=torch.Generator().manual_seed(1))
         return (*make_images(n), classes.to(device))
 
+    if settings.metric is not None:
+        return _metric_target(built, make_images, args.model, settings)
     call = _device_checked(built, args.model, settings.device) if built.backend == "pt2" else built
     return Target(call, make_inputs, model=args.model, backend=built.backend, methods=list(built.methods),
                    k=built.k, layer=built.layer, input_shape=shape, extra=dict(built.info))
+
+
+def _metric_target(built: pipeline.Pipeline, make_images: Callable[[int], tuple[Tensor]], model: str,
+                   settings: Settings) -> Target:
+    """The metric `settings.metric` of the first method's maps: each batch's explanation is made with its
+    images, outside the timed calls."""
+    from . import metrics
+
+    method, score = built.methods[0], metrics.METRICS[settings.metric]
+
+    def make_inputs(n: int) -> tuple[Tensor, ...]:
+        (images,) = make_images(n)
+        out = built(images)
+        return images, out.maps[method].to(images.dtype), out.classes
+
+    def call(images: Tensor, maps: Tensor, classes: Tensor) -> Tensor:
+        return score(built.model, images, maps, classes, settings.metric_steps)
+    return Target(call, make_inputs, model=model, backend=built.backend, methods=[method], k=built.k,
+                  layer=built.layer, input_shape=(3, built.input_size, built.input_size),
+                  extra={**built.info, "metric": settings.metric, "metric_steps": settings.metric_steps})
 
 
 def _device_checked(program: Callable[..., object], path: str, device: torch.device) -> Callable[..., object]:
@@ -260,6 +308,7 @@ def _metadata(target: Target, settings: Settings) -> dict:
 
 def _table(meta: dict, rows: list[dict]) -> str:
     what = (f"{','.join(meta['methods'])} k={meta['k']}" if meta["methods"] else "plain inference")
+    what = f"{meta['metric']} of {what}" if meta.get("metric") else what
     title = (f"{meta['model']}: {what}, {meta['backend']} on {meta['device']} ({meta['threads']} threads), "
              f"images {'x'.join(map(str, meta['input_shape']))}, torch {meta['torch']}")
     header = (f"{'batch':>5}  {'p50 ms':>9}  {'p90 ms':>9}  {'p99 ms':>9}  {'mean ms':>9}  {'images/s':>9}  "

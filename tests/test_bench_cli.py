@@ -135,3 +135,36 @@ def test_fastattr_bench_subcommand_runs_through_the_cli(tmp_path):
                      "--warmup", "1", "--no-progress", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["meta"]["layer"] == "layer4" and [row["batch"] for row in report["rows"]] == [2]
+
+
+def test_a_metric_of_the_first_methods_maps_is_timed_instead_of_the_explanation(tmp_path):
+    path = tmp_path / "metric.json"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert bench("--methods", "gradcam,saliency", "--k", "1", "--metric", "deletion", "--metric-steps", "2",
+                     "--json", str(path)) == 0
+    report = json.loads(path.read_text())
+    assert {k: report["meta"][k] for k in ("methods", "metric", "metric_steps")} == {
+        "methods": ["gradcam"], "metric": "deletion", "metric_steps": 2}
+    assert [row["batch"] for row in report["rows"]] == [1, 2] and all(r["p50_ms"] > 0 for r in report["rows"])
+    assert "deletion of gradcam k=1" in stdout.getvalue()
+
+
+def test_a_perturbation_method_is_timed_as_any_method(tmp_path):
+    path = tmp_path / "occlusion.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench("--methods", "occlusion", "--k", "1", "--batch-sizes", "1", "--json", str(path)) == 0
+    report = json.loads(path.read_text())
+    assert report["meta"]["methods"] == ["occlusion"] and report["rows"][0]["p50_ms"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--metric", "deletion,road"], "--metric 'deletion,road': times one metric; pass one of deletion, insertion"),
+    (["--metric", "roc"], "metrics: unknown 'roc'"),
+    (["--metric", "deletion", "--backend", "onnx"], "--metric: scores perturbed images with the torch model; use "
+                                                    "a model name with --backend eager or compiled, not onnx"),
+    (["--metric", "deletion", "--metric-steps", "0"], "--metric-steps: must be >= 1, got 0"),
+])
+def test_a_metric_that_cannot_be_timed_is_a_usage_error_before_loading(capsys, argv, message):
+    assert bench(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastattr: error:") and message in err
