@@ -136,6 +136,68 @@ def test_confidence_change_equals_pytorch_grad_cams_cam_mult_image_confidence_ch
         torch.testing.assert_close(ours[:, j], torch.from_numpy(theirs), rtol=0, atol=1e-6)
 
 
+class GivenMaps:
+    """A torchcam CAM extractor that hands torchcam's metrics fastattr's maps of one class, so that both score
+    the same maps (torchcam's `_CAMExtractor` protocol: the model, a call giving the maps, fusing, hooks off)."""
+
+    def __init__(self, net, maps):
+        self.model, self.maps = net, maps
+
+    def __call__(self, class_idx=None, scores=None, normalized=True, **_):
+        return [self.maps]
+
+    def fuse_cams(self, cams):
+        return cams[0]
+
+    def _hooks_off(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+@pytest.mark.slow  # a peer's curves one image at a time
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_deletion_and_insertion_equal_torchcams_deletion_insertion_metric(name):
+    # Where the definitions coincide: steps dividing the pixels (torchcam steps by ceil(HW / steps) pixels), a
+    # baseline of 0 for both curves (torchcam's default; fastattr's insertion defaults to the blurred image), softmax.
+    pytest.importorskip("torchcam")
+    from torchcam.metrics import DeletionInsertionMetric
+
+    net, x = model(name), images(2)
+    out = fastattr.Explainer(net, methods="gradcam")(x, k=1)
+    maps, classes = out.maps["gradcam"], out.classes
+    ours_deletion = metrics.deletion(net, x, maps, classes, steps=16, baseline=0.0).area[:, 0]
+    ours_insertion = metrics.insertion(net, x, maps, classes, steps=16, baseline=0.0).area[:, 0]
+    for i in range(2):
+        peer = DeletionInsertionMetric(GivenMaps(net, maps[i:i + 1, 0]), lambda z: z.softmax(-1), steps=16)
+        peer.update(x[i:i + 1], class_idx=int(classes[i, 0]))
+        theirs = peer.summary()
+        assert theirs["deletion_auc"] == pytest.approx(ours_deletion[i].item(), abs=1e-6)
+        assert theirs["insertion_auc"] == pytest.approx(ours_insertion[i].item(), abs=1e-6)
+
+
+@pytest.mark.slow  # a peer's curves in numpy
+def test_the_deletion_curve_equals_quantus_pixel_flipping_after_each_step():
+    # Quantus flips (channel, pixel) features, HW / steps of them a step, a map broadcast over the 3 channels: the
+    # three features of a pixel tie and sort together, so every third of its steps has removed whole pixels, the
+    # same as one of fastattr's. It reports the scores after each step (no clean score first).
+    pytest.importorskip("quantus")
+    import quantus
+
+    # Maps without ties: fastattr breaks them in raster order, Quantus's argsort in no set order (Grad-CAM's zeros).
+    net, x = model("resnet18"), images(2)
+    maps = torch.rand(2, 1, *x.shape[-2:], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    classes = torch.tensor([[3], [7]])
+    steps, pixels = 16, x.shape[-2] * x.shape[-1]
+    ours = metrics.deletion(net, x, maps, classes, steps=steps, baseline=0.0).scores[:, 0, 1:]
+    flipping = quantus.PixelFlipping(features_in_step=pixels // steps, perturb_baseline=0.0, normalise=False,
+                                     abs=False, disable_warnings=True)
+    theirs = flipping(model=net, x_batch=x.numpy(), y_batch=classes[:, 0].numpy(), a_batch=maps.numpy(),
+                      softmax=True, device="cpu")
+    theirs = torch.tensor(theirs, dtype=ours.dtype)
+    assert theirs.shape == (2, 3 * steps)
+    torch.testing.assert_close(ours, theirs[:, 2::3], rtol=0, atol=1e-6)
+
+
 # --- refusals ---------------------------------------------------------------------------------------------
 
 def test_maps_of_another_size_than_the_images_are_refused_naming_both():
@@ -197,6 +259,15 @@ def test_fastattr_explain_writes_each_metric_per_method_and_class_as_a_direct_ca
         assert set(line["metrics"][method]) == {"deletion", "average-drop"}
         for name, values in by_metric.items():
             assert line["metrics"][method][name] == pytest.approx(values[0].tolist(), abs=1e-4)
+    # The deletion curves beside the overlays: one row per class (2), one panel (deletion), two methods' legends.
+    from PIL import Image
+
+    from fastattr import overlay as ov
+
+    assert line["curves"] == "chelsea-curves.png"
+    with Image.open(tmp_path / "out" / "chelsea-curves.png") as chart:
+        row = ov.CAPTION_H + ov.PLOT_H + ov.AXIS_H + 2 * ov.LEGEND_H + ov.PAD
+        assert chart.size == (ov.PAD + ov.AXIS_W + ov.PLOT_W + ov.PAD, ov.PAD + ov.TITLE_H + 2 * row)
 
 
 def test_fastattr_explain_refuses_an_unknown_metric_before_loading_the_model(tmp_path, capsys):
@@ -206,7 +277,7 @@ def test_fastattr_explain_refuses_an_unknown_metric_before_loading_the_model(tmp
 
     photo = Path(__file__).parents[1] / "examples" / "chelsea.png"
     assert cli.main(["explain", str(photo), "--metrics", "deletion,roc", "-o", str(tmp_path / "out")]) == 2
-    assert "metrics: unknown 'roc'; valid: deletion, insertion, average-drop, increase-in-confidence" in \
+    assert "metrics: unknown 'roc'; valid: deletion, insertion, average-drop, increase-in-confidence, road" in \
         capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -221,3 +292,14 @@ def test_fastattr_explain_refuses_metrics_on_an_export_backend_before_exporting(
                      "-o", str(tmp_path / "out")]) == 2
     assert "--metrics: scoring perturbed images needs the torch model, and resnet18 runs on the onnx backend; use " \
            "a model name with --backend eager or compiled" in capsys.readouterr().err
+
+
+def test_fastattr_explain_refuses_metrics_with_ray_before_starting_it(tmp_path, capsys):
+    from pathlib import Path
+
+    from fastattr import cli
+
+    photo = Path(__file__).parents[1] / "examples" / "chelsea.png"
+    assert cli.main(["explain", str(photo), "--ray", "--metrics", "deletion", "-o", str(tmp_path / "out")]) == 2
+    assert "--metrics: written to results.jsonl by the local run; drop --ray or --metrics" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

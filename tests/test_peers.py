@@ -323,3 +323,33 @@ def test_occlusion_equals_captums_occlusion(name):
     theirs = torch.stack([peer.attribute(x, sliding_window_shapes=(3, 16, 16), strides=(3, 12, 12), baselines=0,
                                          target=out.classes[:, j])[:, 0] for j in range(K)], 1)
     assert_close_to_peer(out.maps["occlusion"], theirs)
+
+
+@pytest.mark.slow  # a forward per channel
+@pytest.mark.parametrize("name", SCORE_CAM_MODELS)
+def test_score_cam_equals_torchcams_given_the_same_order_of_resize_and_normalisation(name):
+    # torchcam min-max normalises each channel at the layer's resolution and then resizes it; fastattr (like
+    # pytorch-grad-cam and the authors' code) resizes and then normalises, and bilinear resizing does not keep a
+    # map's extremes. The comparison gives torchcam fastattr's order (its `_normalize` hook resizes first, so
+    # its own resize sees masks of the input's size and leaves them); the rest (softmax of the masked images'
+    # logits, ReLU of the weighted sum, min-max at the layer's resolution) is torchcam's own.
+    torchcam_methods = pytest.importorskip("torchcam.methods")
+    net, x = model(name), images(2)
+    out = fastattr.Explainer(net, layer=SCORE_CAM_MODELS[name], methods="scorecam", upsample=False)(x, k=K)
+    theirs = []
+    for j in range(K):
+        with torchcam_methods.ScoreCAM(net, SCORE_CAM_MODELS[name], batch_size=32,
+                                       input_shape=tuple(x.shape[1:])) as extractor:
+            own_normalize = extractor._normalize
+
+            def resize_then_normalize(cams, spatial_dims=None, eps=1e-8, own_normalize=own_normalize):
+                if cams.ndim != 4:  # the final maps [N, h, w], normalised where they are
+                    return own_normalize(cams, spatial_dims, eps)
+                resized = torch.nn.functional.interpolate(cams, x.shape[-2:], mode="bilinear", align_corners=False)
+                return own_normalize(resized, spatial_dims, eps)
+
+            extractor._normalize = resize_then_normalize
+            with torch.no_grad():
+                logits = net(x)
+            theirs.append(extractor(class_idx=[int(c) for c in out.classes[:, j]], scores=logits)[0])
+    assert_close_to_peer(out.maps["scorecam"], torch.stack(theirs, 1), NORMALISED_TOL)
