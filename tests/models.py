@@ -39,7 +39,7 @@ def _mini(name: str) -> nn.Module:
     (concatenation, squeeze-excitation, SiLU, hardswish, LayerNorm, GELU, layer scale), in a graph a fraction of
     the size, for the tests whose cost grows with the graph (an ONNX export of the whole densenet121 is the
     slowest export in docs/export.md)."""
-    from torchvision.models import convnext, densenet, efficientnet, mobilenetv3, resnet
+    from torchvision.models import convnext, densenet, efficientnet, mobilenetv3, resnet, vgg
 
     if name == "mini-resnet18":
         return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1])
@@ -51,6 +51,11 @@ def _mini(name: str) -> nn.Module:
     if name == "mini-mobilenet_v3_small":
         setting, last_channel = mobilenetv3._mobilenet_v3_conf("mobilenet_v3_small")
         return mobilenetv3.MobileNetV3(setting[:4], last_channel)
+    if name == "mini-vgg11_bn":  # every conv of vgg11_bn; the classifier's 4096-wide layers 256 wide
+        net = vgg.VGG(vgg.make_layers(vgg.cfgs["A"], batch_norm=True))
+        net.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 256), nn.ReLU(True), nn.Dropout(), nn.Linear(256, 256),
+                                       nn.ReLU(True), nn.Dropout(), nn.Linear(256, 1000))
+        return net
     if name == "mini-convnext_tiny":
         config = convnext.CNBlockConfig
         return convnext.ConvNeXt([config(16, 32, 1), config(32, 64, 1), config(64, 128, 1), config(128, None, 1)])
@@ -64,6 +69,7 @@ MINI_ARCHS = {
     "mini-efficientnet_b0": ("features", "features.5"),
     "mini-densenet121": ("features.denseblock4", "features.denseblock3.denselayer2"),
     "mini-convnext_tiny": ("features", "features.5.0"),
+    "mini-vgg11_bn": ("features", "features.14"),
 }
 
 

@@ -127,7 +127,7 @@ def test_a_model_on_the_eager_hook_path_cannot_be_compiled():
 @pytest.fixture(scope="module")
 def program_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("programs") / "resnet18-layer3.pt2"
-    fastattr.export_program(model("resnet18"), path, layer="layer3", methods=("gradcam", "saliency"), k=3,
+    fastattr.export_program(model("mini-resnet18"), path, layer="layer3", methods=("gradcam", "saliency"), k=3,
                             input_shape=(3, 64, 64))
     return path
 
@@ -137,14 +137,14 @@ def program_path(tmp_path_factory):
 def test_a_loaded_program_equals_eager_for_any_batch_size(program_path, n):
     program = fastattr.load_program(program_path, trusted=True)
     x = images(n, seed=7)
-    want = fastattr.Explainer(model("resnet18"), layer="layer3", methods=("gradcam", "saliency"))(x, k=3)
+    want = fastattr.Explainer(model("mini-resnet18"), layer="layer3", methods=("gradcam", "saliency"))(x, k=3)
     assert_same_explanation(program(x), want)
 
 
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_a_saved_program_runs_in_a_fresh_process_without_fastattr_or_the_model_class(program_path, tmp_path):
     x = images(2, seed=9)
-    want = fastattr.Explainer(model("resnet18"), layer="layer3", methods=("gradcam", "saliency"))(x, k=3)
+    want = fastattr.Explainer(model("mini-resnet18"), layer="layer3", methods=("gradcam", "saliency"))(x, k=3)
     torch.save({"x": x, "logits": want.logits, "classes": want.classes, "gradcam": want.maps["gradcam"]},
                tmp_path / "expected.pt")
     script = f"""
@@ -166,21 +166,21 @@ print("ok")
 
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_a_program_with_a_classes_input_explains_the_given_classes(tmp_path):
-    path = fastattr.export_program(model("resnet18"), tmp_path / "with-classes.pt2", layer="layer4", k=2,
+    path = fastattr.export_program(model("mini-resnet18"), tmp_path / "with-classes.pt2", layer="layer4", k=2,
                                    input_shape=(3, 64, 64), with_classes=True)
     program = fastattr.load_program(path, trusted=True)
     x, classes = images(3), torch.tensor([[1, 2], [999, 0], [5, 5]])
-    want = fastattr.Explainer(model("resnet18"), layer="layer4")(x, classes=classes)
+    want = fastattr.Explainer(model("mini-resnet18"), layer="layer4")(x, classes=classes)
     assert_same_explanation(program(x, classes), want)
 
 
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_an_aoti_package_equals_eager(tmp_path):
-    path = fastattr.export_program(model("resnet18"), tmp_path / "aoti.pt2", layer="layer4", k=2,
+    path = fastattr.export_program(model("mini-resnet18"), tmp_path / "aoti.pt2", layer="layer4", k=2,
                                    input_shape=(3, 64, 64), aoti=True)
     program = fastattr.load_program(path, trusted=True)
     x = images(3, seed=11)
-    assert_same_explanation(program(x), fastattr.Explainer(model("resnet18"), layer="layer4")(x, k=2))
+    assert_same_explanation(program(x), fastattr.Explainer(model("mini-resnet18"), layer="layer4")(x, k=2))
 
 
 # Inputs a 64x64, k=3 export without a classes input must refuse, and what it says: shared by the loaded
@@ -226,8 +226,8 @@ def test_every_method_compiles_into_one_graph_equal_to_eager():
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_a_program_with_smoothgrad_and_ig_takes_noise_and_returns_the_completeness_error(tmp_path):
     options = dict(layer="layer4", methods=("smoothgrad", "ig"), samples=2, steps=2)
-    path = fastattr.export_program(model("resnet18"), tmp_path / "sg-ig.pt2", k=2, input_shape=(3, 64, 64), **options)
-    program, eager, x = fastattr.load_program(path, trusted=True), fastattr.Explainer(model("resnet18"), **options), images(3)
+    path = fastattr.export_program(model("mini-resnet18"), tmp_path / "sg-ig.pt2", k=2, input_shape=(3, 64, 64), **options)
+    program, eager, x = fastattr.load_program(path, trusted=True), fastattr.Explainer(model("mini-resnet18"), **options), images(3)
     got, want = program(x), eager(x, k=2)
     assert_same_explanation(got, want)
     torch.testing.assert_close(got.completeness, want.completeness, rtol=1e-3, atol=1e-3)

@@ -18,10 +18,10 @@ import fastattr
 from models import ARCHS, COMPILABLE_METHODS, MINI_ARCHS, images, model
 from test_compile import WRONG_INPUTS, assert_same_explanation
 
-# Six architecture families: two whole, four at reduced depth (tests/models.py's MINI_ARCHS: the same classes
-# and ops in a graph a fraction of the size, so the suite stays within its time; docs/export.md).
-ONNX_ARCHS = ["resnet18", "vgg11_bn", "mini-mobilenet_v3_small", "mini-efficientnet_b0", "mini-densenet121",
-              "mini-convnext_tiny"]
+# Six architecture families at reduced depth (tests/models.py's MINI_ARCHS: the same classes and ops in a graph
+# a fraction of the size, so the suite stays within its time; whole models in docs/export.md and the benchmarks).
+ONNX_ARCHS = ["mini-resnet18", "mini-vgg11_bn", "mini-mobilenet_v3_small", "mini-efficientnet_b0",
+              "mini-densenet121", "mini-convnext_tiny"]
 LAYERS = {**ARCHS, **MINI_ARCHS}
 
 
@@ -50,7 +50,7 @@ def test_onnxruntime_equals_the_torch_path_for_batch_1_and_3_from_one_file(expor
 
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_the_exported_file_passes_the_full_onnx_check_with_a_dynamic_batch(exports):
-    path = exports("resnet18")
+    path = exports("mini-resnet18")
     onnx.checker.check_model(str(path), full_check=True)
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["images"]
@@ -62,24 +62,24 @@ def test_the_exported_file_passes_the_full_onnx_check_with_a_dynamic_batch(expor
 
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_weights_are_stored_once(exports):
-    path = exports("resnet18")
-    weights = sum(p.numel() for p in model("resnet18").parameters()) * 4
+    path = exports("mini-resnet18")
+    weights = sum(p.numel() for p in model("mini-resnet18").parameters()) * 4
     size = path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
     assert weights <= size < 1.3 * weights
 
 
 def test_explicit_classes_as_a_second_input(tmp_path):
-    path = fastattr.export_onnx(model("resnet18"), tmp_path / "classes.onnx", layer="layer4", methods=("gradcam",),
+    path = fastattr.export_onnx(model("mini-resnet18"), tmp_path / "classes.onnx", layer="layer4", methods=("gradcam",),
                                 k=2, input_shape=(3, 64, 64), with_classes=True)
     x, classes = images(3), torch.tensor([[1, 2], [999, 0], [5, 5]])
-    want = fastattr.Explainer(model("resnet18"), layer="layer4")(x, classes=classes)
+    want = fastattr.Explainer(model("mini-resnet18"), layer="layer4")(x, classes=classes)
     assert_same_explanation(fastattr.OnnxExplainer(path)(x, classes), want)
 
 
 @pytest.mark.parametrize("bad", [1000, -1])
 def test_a_class_index_outside_the_models_classes_is_refused_before_onnxruntime_gathers_it(tmp_path, bad):
     # The graph gathers each class's weight row: onnxruntime would fail on 1000 and read -1 as class 999.
-    path = fastattr.export_onnx(model("resnet18"), tmp_path / "classes.onnx", layer="layer4", methods=("gradcam",),
+    path = fastattr.export_onnx(model("mini-resnet18"), tmp_path / "classes.onnx", layer="layer4", methods=("gradcam",),
                                 k=1, input_shape=(3, 64, 64), with_classes=True)
     # Checked by fastattr.targets, as every caller's classes are: the same TargetError as the torch path's.
     with pytest.raises(fastattr.TargetError, match=r"classes: index -?[0-9]+ out of range for a model with 1000 outputs \(valid 0\.\.999\)"):
@@ -91,9 +91,9 @@ def test_a_class_index_outside_the_models_classes_is_refused_before_onnxruntime_
 def test_a_gradcam_export_keeps_the_batch_dynamic_whether_its_k_classes_vmap_or_loop(tmp_path, layer):
     # At layer4 the K-class backward is vmapped (above it: pooling and the classifier); at layer3 vmapping
     # would fix the batch size, so the export traces the K calls instead.
-    path = fastattr.export_onnx(model("resnet18"), tmp_path / "cam.onnx", layer=layer, methods=("gradcam",), k=3,
+    path = fastattr.export_onnx(model("mini-resnet18"), tmp_path / "cam.onnx", layer=layer, methods=("gradcam",), k=3,
                                 input_shape=(3, 64, 64))
-    explainer, eager = fastattr.OnnxExplainer(path), fastattr.Explainer(model("resnet18"), layer=layer)
+    explainer, eager = fastattr.OnnxExplainer(path), fastattr.Explainer(model("mini-resnet18"), layer=layer)
     for n in (1, 3):
         x = images(n, seed=30 + n)
         assert_same_explanation(explainer(x), eager(x, k=3))
@@ -103,7 +103,7 @@ def test_a_gradcam_export_keeps_the_batch_dynamic_whether_its_k_classes_vmap_or_
 def test_a_vmapped_k_that_would_fix_the_batch_is_refused_with_the_fix(tmp_path):
     with pytest.raises(fastattr.ExportError, match=r"with k_form='vmap' the traced graph fixes the batch size at "
                                                    r"\d+; export with k_form='loop'"):
-        fastattr.export_onnx(model("resnet18"), tmp_path / "cam.onnx", layer="layer3", methods=("gradcam",), k=3,
+        fastattr.export_onnx(model("mini-resnet18"), tmp_path / "cam.onnx", layer="layer3", methods=("gradcam",), k=3,
                              input_shape=(3, 64, 64), k_form="vmap")
 
 
@@ -111,7 +111,7 @@ def test_a_vmapped_k_that_would_fix_the_batch_is_refused_with_the_fix(tmp_path):
 def test_concurrent_runs_equal_sequential_runs(exports):
     import threading
 
-    explainer = fastattr.OnnxExplainer(exports("resnet18"))
+    explainer = fastattr.OnnxExplainer(exports("mini-resnet18"))
     inputs = [images(2, seed=40 + i) for i in range(6)]
     want = [explainer(x) for x in inputs]
     got = [None] * 6
@@ -128,7 +128,7 @@ def test_concurrent_runs_equal_sequential_runs(exports):
 @pytest.mark.parametrize("call,message", WRONG_INPUTS)
 def test_wrong_inputs_are_refused_with_the_expected_shape(exports, call, message):
     with pytest.raises(fastattr.InputError, match=message):
-        call(fastattr.OnnxExplainer(exports("resnet18")))
+        call(fastattr.OnnxExplainer(exports("mini-resnet18")))
 
 
 def test_a_file_that_is_not_a_fastattr_export_is_refused(tmp_path):
@@ -226,8 +226,8 @@ def test_a_convolutions_input_gradient_equals_autograds_as_a_conv_or_a_transpose
 def test_unstrided_convolution_gradients_export_as_convs_and_relu_gradients_as_products(exports):
     # With both, onnxruntime's call of resnet18's saliency at batch 16 went from 657-709 ms to 504-516 ms
     # (benchmarks/results/onnx-profile.md).
-    strided = sum(m.stride != (1, 1) for m in model("resnet18").modules() if isinstance(m, nn.Conv2d))
-    ops = [n.op_type for n in onnx.load(str(exports("resnet18"))).graph.node]
+    strided = sum(m.stride != (1, 1) for m in model("mini-resnet18").modules() if isinstance(m, nn.Conv2d))
+    ops = [n.op_type for n in onnx.load(str(exports("mini-resnet18"))).graph.node]
     assert (strided, ops.count("ConvTranspose")) == (7, 3 * 7)  # saliency's backward traced once per class, k=3
     assert "Where" not in ops
 
@@ -260,26 +260,26 @@ def test_global_average_pooling_of_a_channels_last_activation_exports(tmp_path):
 def test_weights_can_live_beside_the_file_as_external_data(tmp_path):
     # torch's exporter switches to external data by itself above protobuf's 2 GB; forcing it here runs the
     # same save, check and load path on a small model.
-    path = fastattr.export_onnx(model("resnet18"), tmp_path / "ext.onnx", layer="layer4", methods=("gradcam",),
+    path = fastattr.export_onnx(model("mini-resnet18"), tmp_path / "ext.onnx", layer="layer4", methods=("gradcam",),
                                 k=2, input_shape=(3, 64, 64), external_data=True)
-    weights = sum(p.numel() for p in model("resnet18").parameters()) * 4
+    weights = sum(p.numel() for p in model("mini-resnet18").parameters()) * 4
     data = (tmp_path / "ext.onnx.data").stat().st_size
     assert path.stat().st_size < weights / 10
     assert 0.9 * weights < data < 1.1 * weights  # batch norms fold into the convolutions: a little under the weights
     x = images(2)
-    assert_same_explanation(fastattr.OnnxExplainer(path)(x), fastattr.Explainer(model("resnet18"), layer="layer4")(x, k=2))
+    assert_same_explanation(fastattr.OnnxExplainer(path)(x), fastattr.Explainer(model("mini-resnet18"), layer="layer4")(x, k=2))
 
 
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(exports):
-    graph = onnx.load(str(exports("resnet18"))).graph
+    graph = onnx.load(str(exports("mini-resnet18"))).graph
     sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
     sizes |= {o: 1 for n in graph.node if n.op_type == "Constant" for o in n.output}
     foldable = [(n.op_type, [sizes[i] for i in n.input]) for n in graph.node
                 if n.op_type != "Constant" and n.input and all(i in sizes for i in n.input if i)]
     # Those left would each store a weight a second time: the classifier's transposed for the backward, and each
     # unstrided convolution's, flipped for its input gradient (onnxruntime folds them in memory when it loads).
-    unstrided = [m.weight.numel() for m in model("resnet18").modules() if isinstance(m, nn.Conv2d) and m.stride == (1, 1)]
+    unstrided = [m.weight.numel() for m in model("mini-resnet18").modules() if isinstance(m, nn.Conv2d) and m.stride == (1, 1)]
     assert sorted(foldable) == sorted([("Transpose", [512 * 1000])] + [("Reshape", [n, 5]) for n in unstrided])
 
 
@@ -289,7 +289,7 @@ def test_maps_are_upsampled_by_two_matmuls_not_by_a_resize_or_index_gathers(expo
     # ran at 0.72x its plain inference with them, 0.94x with one Resize (benchmarks/results/cpu-backends.json);
     # as R_h @ maps @ R_w^T (with the gather below) the ops resnet18's explanation adds took 3.3 ms a call at batch 16
     # instead of 6 ms (benchmarks/results/onnx-profile.md).
-    nodes = onnx.load(str(exports("resnet18"))).graph.node
+    nodes = onnx.load(str(exports("mini-resnet18"))).graph.node
     producer = {o: n for n in nodes for o in n.output}
     last = producer["gradcam"]  # Grad-CAM's 2x2 maps; saliency's are at the input's size already
     assert (last.op_type, producer[last.input[0]].op_type) == ("MatMul", "MatMul")
@@ -312,7 +312,7 @@ def test_a_resize_as_interpolation_matrices_equals_torchs_bilinear_resize(align_
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_the_classifiers_backward_gathers_the_classes_weight_rows_instead_of_multiplying_by_one_hots(exports):
     # One-hot cotangents [K * N, 1000] times the weight [1000, 512] in resnet18: the same numbers as a row gather.
-    graph = onnx.load(str(exports("resnet18"))).graph
+    graph = onnx.load(str(exports("mini-resnet18"))).graph
     shapes = {i.name: list(i.dims) for i in graph.initializer}
     transposed = {o: shapes.get(n.input[0], [])[::-1] for n in graph.node if n.op_type == "Transpose" for o in n.output}
     gathered = [shapes.get(n.input[0]) or transposed.get(n.input[0]) for n in graph.node if n.op_type == "Gather"]
