@@ -145,12 +145,18 @@ def road(model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor, classe
     count = 2 * len(percentiles)
 
     def copies(start: int, stop: int) -> Tensor:
-        parts = []
-        for j in range(start, stop):  # one imputation of all rows per copy index: its noise is its own
-            removed = relevance[:, j // len(percentiles)] >= thresholds[:, j].view(-1, 1, 1, 1)
-            generator = torch.Generator(images.device).manual_seed(seed * 1_000_003 + j)
-            parts.append(noisy_linear_imputation(rows, removed, noise=noise, generator=generator))
-        return torch.stack(parts, 1)
+        # Every copy of the chunk in one solve; copy j's noise from its own seed, so that the draws do not depend
+        # on how the copies are chunked.
+        removed = torch.stack([relevance[:, j // len(percentiles)] >= thresholds[:, j].view(-1, 1, 1, 1)
+                               for j in range(start, stop)], 1)  # [NK, P, 1, H, W]
+        filled = noisy_linear_imputation(rows.repeat_interleave(stop - start, 0), removed.flatten(0, 1), noise=0.0)
+        filled = filled.unflatten(0, (n * k, stop - start))
+        if noise:
+            draws = torch.stack([torch.randn(rows.shape, dtype=rows.dtype, device=rows.device,
+                                             generator=torch.Generator(rows.device).manual_seed(seed * 1_000_003 + j))
+                                 for j in range(start, stop)], 1)
+            filled = filled + noise * removed.to(rows.dtype) * draws
+        return filled
 
     per_chunk = max(1, sample_batch // (n * k))
     changes = scores_of_copies(score, copies, count, classes.reshape(n * k, 1), per_chunk).view(n, k, count)
