@@ -211,7 +211,7 @@ def test_a_package_without_a_compiled_library_is_refused_even_when_trusted(tmp_p
 @pytest.mark.slow  # torch.export and AOTInductor compiles of a whole model
 @pytest.mark.parametrize("aoti", [False, True])
 def test_a_genuine_export_loads_and_explains_when_trusted(tmp_path, aoti, no_folder_left):
-    net = model("resnet18")
+    net = model("mini-resnet18")
     path = fastattr.export_program(net, tmp_path / "r18.pt2", layer="layer4", k=2, input_shape=(3, 64, 64), aoti=aoti)
     with pytest.raises(fastattr.InputError, match="AOTInductor package" if aoti else "torch.export program"):
         fastattr.load_program(path)
