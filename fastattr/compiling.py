@@ -1,4 +1,5 @@
-"""torch.compile of the pure attribution function: one `fullgraph=True` graph, a symbolic batch, K static."""
+"""torch.compile of the pure attribution function (one `fullgraph=True` graph, a symbolic batch, K static), and of
+the forwards the perturbation passes run on each chunk of copies."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from .errors import CompileError
 
-__all__ = ["compile_fullgraph", "replays_cuda_graphs", "mark_batch_dynamic"]
+__all__ = ["compile_fullgraph", "compile_forward", "replays_cuda_graphs", "mark_batch_dynamic"]
 
 def compile_fullgraph(fn: Callable, *, device: torch.device | None = None, mode: str | None = None,
             dynamic: bool = False, backend: str = "inductor", options: dict | None = None) -> Callable:
@@ -21,6 +22,21 @@ def compile_fullgraph(fn: Callable, *, device: torch.device | None = None, mode:
     a second K symbolic). `mode="reduce-overhead"` (CUDA graphs) is for CUDA models. Nothing global is
     configured.
     """
+    chosen = _checked(device, mode, dynamic, options)
+    return torch.compile(_with_own_code(fn), fullgraph=True, dynamic=False, backend=backend, **chosen)
+
+
+def compile_forward(fn: Callable, *, device: torch.device | None = None, mode: str | None = None,
+                    dynamic: bool = False, backend: str = "inductor", options: dict | None = None) -> Callable:
+    """`torch.compile(fn, fullgraph=True)` for a forward of perturbed copies (the model, or its head above the
+    layer), which the perturbation passes call once per chunk. Unlike the attribution there is no K to keep
+    static: torch.compile's automatic dynamic shapes let the chunks' size and the smaller last chunk (and other
+    batch sizes) share a second, batch-symbolic graph. The options are those of `compile_fullgraph`."""
+    chosen = _checked(device, mode, dynamic, options)
+    return torch.compile(_with_own_code(fn), fullgraph=True, backend=backend, **chosen)
+
+
+def _checked(device: torch.device | None, mode: str | None, dynamic: bool, options: dict | None) -> dict:
     if mode == "reduce-overhead" and (device is None or device.type != "cuda"):
         raise CompileError(f"compile: mode='reduce-overhead' replays CUDA graphs, but the model is on "
                            f"{device or 'no device'}; use the default mode or move the model to CUDA")
@@ -30,7 +46,7 @@ def compile_fullgraph(fn: Callable, *, device: torch.device | None = None, mode:
     chosen = {"mode": mode} if mode is not None else {}
     if options is not None:
         chosen["options"] = options  # torch.compile takes mode or options, not both
-    return torch.compile(_with_own_code(fn), fullgraph=True, dynamic=False, backend=backend, **chosen)
+    return chosen
 
 
 def replays_cuda_graphs(device: torch.device | None, mode: str | None = None, options: dict | None = None,

@@ -187,6 +187,9 @@ class Explainer:
         self._past_limit: set[tuple] = set()
         self._compiled = None
         self._cudagraphs = False
+        # The forwards of perturbed copies: the whole model (Score-CAM, occlusion) and the head above the layer
+        # (Ablation-CAM), compiled on their own when the explainer's methods are perturbation methods.
+        self._forward, self._head = self._whole.head, self.split.head
         if compile:
             options = {} if compile is True else dict(compile)
             if not self.split.traced:
@@ -194,16 +197,22 @@ class Explainer:
                     f"compile: {type(model).__name__} runs on the eager hook path (torch.fx could not trace it), "
                     "which cannot be compiled; make the forward traceable or use compile=False")
             device = self._param.device if self._param is not None else None
-            self._compiled = compiling.compile_fullgraph(self.attribution, device=device, **options)
-            self._cudagraphs = compiling.replays_cuda_graphs(device, **options)
+            if _methods.perturbed(self.methods):
+                self._forward = compiling.compile_forward(self._whole.head, device=device, **options)
+                self._head = compiling.compile_forward(self.split.head, device=device, **options)
+            else:
+                self._compiled = compiling.compile_fullgraph(self.attribution, device=device, **options)
+                self._cudagraphs = compiling.replays_cuda_graphs(device, **options)
 
     def _check_perturbation(self, reshape: tokens.Reshape | None, compile: bool | dict) -> None:
         perturbed = _methods.perturbed(self.methods)
         if not perturbed:
             return
-        if compile:
-            raise CompileError(f"compile: {', '.join(perturbed)} run many forwards in chunks, which fastattr does not "
-                               "compile yet; use compile=False for them (an explainer of the other methods compiles)")
+        others = [m for m in self.methods if m not in perturbed]
+        if compile and others:
+            raise CompileError(f"compile: {', '.join(perturbed)} compile the forward of each chunk of perturbed copies "
+                               f"and run eagerly between chunks, while {', '.join(others)} compile into one graph; "
+                               "make one explainer of each kind")
         if "ablated_scores" in self.reads and not self.split.traced:
             raise MethodError(f"methods: ablationcam runs the model's head above {self.layer!r} on the ablated "
                               f"activations, which needs a model torch.fx can trace, and {type(self.model).__name__} "
@@ -406,11 +415,11 @@ class Explainer:
         if "ablated_scores" in reads:
             channel_axis = 1 if p.acts.ndim == 4 and not self._layout.channels_last else -1
             values["ablated_scores"] = perturb.ablated_scores(self.split, p.acts, p.carried, images, classes,
-                                                              channel_axis, per_chunk)
+                                                              channel_axis, per_chunk, self._head)
         if "masked_scores" in reads:
-            values["masked_scores"] = perturb.masked_scores(self._whole.head, images, acts, classes, per_chunk)
+            values["masked_scores"] = perturb.masked_scores(self._forward, images, acts, classes, per_chunk)
         if "occlusion_drops" in reads:
-            values["occlusion_drops"] = perturb.occlusion_drops(self._whole.head, images, classes,
+            values["occlusion_drops"] = perturb.occlusion_drops(self._forward, images, classes,
                                                                 values["class_scores"], self.window, self.stride,
                                                                 self.baseline, per_chunk)
         return values

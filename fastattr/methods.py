@@ -287,7 +287,7 @@ PERTURBED = frozenset({"ablated_scores", "masked_scores", "occlusion_drops"})
 
 
 def perturbed(names: tuple[str, ...]) -> tuple[str, ...]:
-    """The named methods that read a perturbation pass (no compile, no export yet)."""
+    """The named methods that read a perturbation pass (compiled forward by forward; no export yet)."""
     return tuple(name for name in names if set(METHODS[name].reads) & PERTURBED)
 
 

@@ -30,24 +30,25 @@ __all__ = ["ablated_scores", "masked_scores", "occlusion_drops", "window_starts"
 
 
 def ablated_scores(s: Split, acts: Tensor, carried: tuple | None, images: Tensor, classes: Tensor, channel_axis: int,
-                   per_chunk: int) -> Tensor:
+                   per_chunk: int, head: Callable[..., Tensor] | None = None) -> Tensor:
     """`[N, K, C]`: the classes' scores with channel c of the layer's activation set to 0, by the head alone.
 
     `acts` is the layer's output as the trunk returned it and `carried` the trunk's values the head reads
     (skip connections), both from the shared pass; where that pass kept no `carried` (it ran the trunk under
     autograd, for input gradients) the trunk runs once more here, without autograd. Each chunk repeats the
     activation P times, zeroes channel `start + p` of copy p, and runs the head on the N * P copies, the
-    carried values repeated with them.
+    carried values repeated with them. `head` runs in place of `s.head` (its compiled form, say).
     """
+    head_of = s.head if head is None else head
     if carried is None:
         with torch.no_grad():
             acts, *carried = s.trunk(images)
     n, channels = acts.shape[0], acts.shape[channel_axis]
     axis = channel_axis % acts.ndim
 
-    def head(copies: Tensor) -> Tensor:
+    def forward(copies: Tensor) -> Tensor:
         repeat = copies.shape[0] // n
-        return s.head(copies, *(c.repeat_interleave(repeat, 0) if isinstance(c, Tensor) and c.ndim and c.shape[0] == n
+        return head_of(copies, *(c.repeat_interleave(repeat, 0) if isinstance(c, Tensor) and c.ndim and c.shape[0] == n
                                 else c for c in carried))
 
     def copies(start: int, stop: int) -> Tensor:
@@ -56,7 +57,7 @@ def ablated_scores(s: Split, acts: Tensor, carried: tuple | None, images: Tensor
         shape[1], shape[axis + 1] = stop - start, channels
         return acts.unsqueeze(1) * keep.view(shape)
 
-    return scores_of_copies(head, copies, channels, classes, per_chunk).transpose(1, 2)
+    return scores_of_copies(forward, copies, channels, classes, per_chunk).transpose(1, 2)
 
 
 def masked_scores(forward: Callable[[Tensor], Tensor], images: Tensor, acts: Tensor, classes: Tensor,

@@ -247,10 +247,15 @@ def check(spec: Spec, option_prefix: str = "") -> None:
     methods the backend cannot run."""
     check_device(spec, option_prefix)
     backend = spec.backend or (EXPORT_SUFFIXES[spec.export_file.suffix.lower()] if spec.export_file else "eager")
-    if backend != "eager" and (perturbed := _methods.perturbed(spec.methods or ())):
-        raise InputError(f"{option_prefix}methods: {', '.join(perturbed)} run eagerly only (no compiled graph or "
-                         f"export holds them yet), and the backend is {backend}; use {option_prefix}backend eager "
+    if backend in ("onnx", "pt2") and (perturbed := _methods.perturbed(spec.methods or ())):
+        raise InputError(f"{option_prefix}methods: {', '.join(perturbed)} run eagerly or compiled (no export holds "
+                         f"them yet), and the backend is {backend}; use {option_prefix}backend eager or compiled "
                          "with a model name")
+    methods = spec.methods or ()
+    if backend == "compiled" and (perturbed := _methods.perturbed(methods)) and len(perturbed) < len(methods):
+        raise InputError(f"{option_prefix}methods: {', '.join(perturbed)} compile the forward of each chunk of "
+                         f"perturbed copies, the others one graph; with {option_prefix}backend compiled explain them "
+                         "in separate runs, or use the eager backend")
     path = Path(spec.model)
     if spec.export_file is not None:
         kind = EXPORT_SUFFIXES[spec.export_file.suffix.lower()]

@@ -291,9 +291,42 @@ def test_the_stride_defaults_to_half_the_window():
 
 
 @pytest.mark.parametrize("method", PERTURBATION_METHODS)
-def test_perturbation_methods_are_refused_by_compile_with_the_way_out(method):
-    with pytest.raises(fastattr.CompileError, match=rf"compile: {method} run many forwards in chunks"):
+def test_compile_with_gradient_methods_in_the_same_explainer_is_refused_with_the_way_out(method):
+    with pytest.raises(fastattr.CompileError, match=rf"compile: {method} compile the forward of each chunk of "
+                                                    r"perturbed copies .* while gradcam compile into one graph; make "
+                                                    r"one explainer of each kind"):
         fastattr.Explainer(tiny_net(), layer="1", methods=(method, "gradcam"), compile=True)
+
+
+def compiled_and_eager(methods, compile, sample_batch, n=2):
+    # 5 images' worth of copies a chunk, so every pass ends on a smaller chunk: a second (batch-symbolic) graph.
+    net, x = model("mini-resnet18"), images(n)
+    options = dict(layer="layer4", methods=methods, window=16, stride=8, sample_batch=sample_batch)
+    return fastattr.Explainer(net, compile=compile, **options)(x, k=2), fastattr.Explainer(net, **options)(x, k=2)
+
+
+@pytest.mark.parametrize("method", PERTURBATION_METHODS)
+def test_a_compiled_perturbation_method_captures_its_chunks_forward_whole_and_equals_eager(method):
+    # The "eager" backend runs the captured graph as it is: fullgraph=True still refuses any graph break.
+    got, want = compiled_and_eager((method,), {"backend": "eager"}, sample_batch=10)
+    assert torch.equal(got.classes, want.classes)
+    torch.testing.assert_close(got.maps[method], want.maps[method], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # inductor compiles two forwards of the model and two of its head
+def test_perturbation_methods_compiled_by_inductor_equal_eager():
+    got, want = compiled_and_eager(PERTURBATION_METHODS, True, sample_batch=10)
+    assert torch.equal(got.classes, want.classes)
+    for method in PERTURBATION_METHODS:
+        torch.testing.assert_close(got.maps[method], want.maps[method], rtol=0, atol=1e-4)
+
+
+def test_a_compiled_perturbation_explainer_leaves_the_model_as_it_was():
+    net = model("mini-resnet18")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fastattr.Explainer(net, layer="layer4", methods=("scorecam",), compile={"backend": "eager"})(images(1), k=1)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not net._forward_hooks and not net._forward_pre_hooks and not net.training
 
 
 @pytest.mark.parametrize("method", PERTURBATION_METHODS)
@@ -329,13 +362,23 @@ def test_the_registry_marks_exactly_the_perturbation_methods():
     assert marked == list(PERTURBATION_METHODS)
 
 
-@pytest.mark.parametrize("backend", ["compiled", "onnx", "pt2"])
-def test_a_spec_with_a_perturbation_method_on_another_backend_than_eager_is_refused_before_loading(backend):
+@pytest.mark.parametrize("backend", ["onnx", "pt2"])
+def test_a_spec_with_a_perturbation_method_on_an_export_backend_is_refused_before_loading(backend):
     from fastattr import Spec, pipeline
 
-    with pytest.raises(fastattr.InputError, match=rf"--methods: scorecam run eagerly only .* the backend is {backend}; "
-                                                  r"use --backend eager"):
+    with pytest.raises(fastattr.InputError, match=rf"--methods: scorecam run eagerly or compiled \(no export holds "
+                                                  rf"them yet\), and the backend is {backend}; use --backend eager or "
+                                                  r"compiled"):
         pipeline.check(Spec("resnet18", methods="gradcam, scorecam", backend=backend), "--")
+
+
+def test_a_spec_mixing_perturbation_and_gradient_methods_on_the_compiled_backend_is_refused_before_loading():
+    from fastattr import Spec, pipeline
+
+    with pytest.raises(fastattr.InputError, match=r"--methods: scorecam compile the forward of each chunk of perturbed "
+                                                  r"copies, the others one graph"):
+        pipeline.check(Spec("resnet18", methods="gradcam, scorecam", backend="compiled"), "--")
+    pipeline.check(Spec("resnet18", methods="scorecam, occlusion", backend="compiled"), "--")  # alone: accepted
 
 
 def test_a_spec_passes_window_and_stride_to_the_eager_explainer():
