@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-from PIL import Image
 
 from fastattr.localray import is_loopback
 
@@ -48,29 +47,8 @@ def not_on_loopback(found: dict[tuple[str, int], list[tuple[str, int]]]) -> list
             for address, port in addresses if not is_loopback(address)]
 
 
-@pytest.mark.slow  # a local Ray instance and a Ray Data job
-def test_the_ray_instance_of_explain_to_parquet_listens_on_loopback_alone(tmp_path, monkeypatch):
-    pytest.importorskip("ray.data")
-    import ray
-
-    from fastattr import raydata
-
-    for i in range(2):
-        Image.new("RGB", (40, 40), (60 * i, 90, 30)).save(tmp_path / f"photo{i}.png")
-    seen = {}
-    shutdown = ray.shutdown
-
-    def look_then_shut_down(*args, **kwargs):  # the job is done and every process it started still runs
-        seen.update(listeners(os.getpid()))
-        shutdown(*args, **kwargs)
-
-    monkeypatch.setattr(ray, "shutdown", look_then_shut_down)
-    raydata.explain_to_parquet([str(tmp_path)], tmp_path / "out", model="resnet18", methods="saliency", k=1,
-                               input_size=32, workers=1, batch_size=2)
-    names = {name for name, _ in seen}
-    assert {"gcs_server", "raylet"} <= names, names  # Ray's own servers were among the processes looked at
-    assert any(seen.values())
-    assert not_on_loopback(seen) == []
+# The Ray instance of a Ray Data job (`fastattr explain --ray`) is checked by tests/test_raydata.py, in the one
+# job that module runs.
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ pytest.importorskip("ray.data")
 EXAMPLES = Path(__file__).parents[1] / "examples"
 # The Parquet's columns as Arrow types, a list column as list<its values' type>: plain types, none of Ray's own.
 SCHEMA = {"path": "string", "classes": "list<int64>", "names": "list<string>", "probabilities": "list<float>",
-          "shape": "list<int32>", "map_gradcam": "list<uint8>", "map_saliency": "list<uint8>"}
+          "shape": "list<int32>", "map_gradcam": "list<uint8>", "map_saliency": "list<uint8>",
+          "map_smoothgrad": "list<uint8>"}
 # Reads the output as someone without Ray would, in a process that never imports it: pyarrow and pandas alone.
 READ_WITHOUT_RAY = """
 import pickle, sys
@@ -112,29 +113,53 @@ def test_rows_become_plain_arrow_columns_with_the_maps_flattened_beside_their_sh
 
 
 @pytest.fixture(scope="module")
-def parquet(folder_and_weights, tmp_path_factory):
+def job(folder_and_weights, tmp_path_factory):
+    """One `fastattr explain --ray` job over the folder, the command line in this process, as every test of the
+    job's output reads it: (exit status, stderr, the Parquet folder, the TCP listeners of every process under this
+    one while Ray still ran). Starting Ray and its job is most of this module's time, so it runs once."""
+    import contextlib
+    import io
+    import os
+
+    import ray
+    from test_ray_ports import listeners
+
     folder, weights = folder_and_weights
-    out = tmp_path_factory.mktemp("out") / "explained"
-    failed = raydata.explain_to_parquet(str(folder), out, Spec(model="resnet18", weights=str(weights), layer="layer4",
-                                        k=2, input_size=64), workers=2, batch_size=4)
-    return out, failed
+    out = tmp_path_factory.mktemp("out")
+    seen, shutdown = {}, ray.shutdown
+
+    def look_then_shut_down(*args, **kwargs):  # the job is done and every process it started still runs
+        seen.update(listeners(os.getpid()))
+        shutdown(*args, **kwargs)
+
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr), \
+            contextlib.redirect_stdout(io.StringIO()):
+        patch.setattr(ray, "shutdown", look_then_shut_down)
+        # --noise 0: SmoothGrad is then saliency, which shows that the sampling options reached the workers.
+        code = cli.main(["explain", str(folder), "--ray", "--model", "resnet18", "--weights", str(weights),
+                         "--layer", "layer4", "--methods", "gradcam, saliency, smoothgrad", "--noise", "0",
+                         "--samples", "2", "--k", "2", "--input-size", "64", "--workers", "2", "--batch-size", "4",
+                         "--no-progress", "-o", str(out)])
+    return code, stderr.getvalue(), out / "parquet", seen
 
 
 @pytest.mark.slow  # a local Ray cluster
-def test_the_corrupt_file_is_reported_and_has_no_row(parquet):
+def test_the_corrupt_file_is_reported_with_exit_status_1_and_has_no_row(job):
     import pyarrow.parquet as pq
 
-    out, failed = parquet
-    assert len(failed) == 1 and "photo19.png" in failed[0] and "not a readable image" in failed[0]
+    code, stderr, out, _ = job
+    assert code == 1
+    assert "photo19.png" in stderr and "not a readable image" in stderr
     paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
     assert len(paths) == 19 and not any(p.endswith("photo19.png") for p in paths)
 
 
 @pytest.mark.slow  # a local Ray cluster
-def test_the_parquet_reads_back_without_ray_in_plain_types_and_each_row_equals_a_direct_call(parquet,
+def test_the_parquet_reads_back_without_ray_in_plain_types_and_each_row_equals_a_direct_call(job,
                                                                                                folder_and_weights,
                                                                                                tmp_path):
-    out, _ = parquet
+    _, _, out, _ = job
     folder, weights = folder_and_weights
     read = read_without_ray(out, tmp_path)
     assert read["schema"] == SCHEMA
@@ -154,17 +179,21 @@ def test_the_parquet_reads_back_without_ray_in_plain_types_and_each_row_equals_a
 
 
 @pytest.mark.slow  # a local Ray cluster
-def test_the_command_line_writes_parquet_and_exits_1_for_the_corrupt_file(folder_and_weights, tmp_path, capsys):
-    folder, weights = folder_and_weights
-    code = cli.main(["explain", str(folder), "--ray", "--model", "resnet18", "--weights", str(weights),
-                     "--input-size", "32", "--k", "1", "--methods", "saliency,smoothgrad", "--noise", "0",
-                     "--samples", "2", "-o", str(tmp_path)])
-    assert code == 1
-    assert "photo19.png" in capsys.readouterr().err
-    assert list((tmp_path / "parquet").glob("*.parquet"))
-    # --noise reached the workers: without noise SmoothGrad is saliency (with the default 0.15 it is not)
+def test_the_sampling_options_reach_the_workers(job):
     import pyarrow.parquet as pq
 
-    table = pq.read_table(tmp_path / "parquet", columns=["map_smoothgrad", "map_saliency"])
+    # Without noise SmoothGrad is saliency (with the default noise of 0.15 it is not).
+    table = pq.read_table(job[2], columns=["map_smoothgrad", "map_saliency"])
     assert table.num_rows == 19
     assert table.column("map_smoothgrad").to_pylist() == table.column("map_saliency").to_pylist()
+
+
+@pytest.mark.slow  # a local Ray cluster
+def test_the_ray_instance_of_the_job_listens_on_loopback_alone(job):
+    from test_ray_ports import not_on_loopback
+
+    seen = job[3]
+    names = {name for name, _ in seen}
+    assert {"gcs_server", "raylet"} <= names, names  # Ray's own servers were among the processes looked at
+    assert any(seen.values())
+    assert not_on_loopback(seen) == []
