@@ -7,7 +7,7 @@
 >>> pipeline = fastattr.build(fastattr.Spec("resnet18", backend="onnx"))   # what every front end runs  # doctest: +SKIP
 """
 
-from . import files, images, metrics, overlay, reference, tokens, zoo
+from . import files, images, metrics, overlay, reference, targets, tokens, zoo
 from .errors import CompileError, ExportError, FastattrError, InputError, LayerError, MethodError, ModelOutputError, TargetError
 from .explain import Explainer, Explanation, clear_cache, explain
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
@@ -16,7 +16,7 @@ from .methods import METHODS
 from .pipeline import Pipeline, Spec, build
 
 __all__ = [
-    "Explainer", "Explanation", "explain", "clear_cache", "export_program", "load_program", "Program", "export_onnx", "OnnxExplainer", "layers", "default_layer", "METHODS", "build", "Spec", "Pipeline", "reference", "tokens", "zoo", "images", "overlay", "files", "metrics",
+    "Explainer", "Explanation", "explain", "clear_cache", "export_program", "load_program", "Program", "export_onnx", "OnnxExplainer", "layers", "default_layer", "METHODS", "build", "Spec", "Pipeline", "reference", "tokens", "zoo", "images", "overlay", "files", "metrics", "targets",
     "CompileError", "ExportError", "FastattrError", "InputError", "LayerError", "MethodError", "ModelOutputError", "TargetError",
 ]
 __version__ = "0.1.0"

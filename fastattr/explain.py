@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
 from . import compiling, graph, methods as _methods, perturb, postprocess, targets as _targets, tokens
-from .errors import CompileError, FastattrError, InputError, MethodError, at_least
+from .errors import CompileError, FastattrError, InputError, MethodError, TargetError, at_least
 from .graph import OutputSelector
 from .guided import guided_split
 from .layers import default_layer, get_layer
@@ -31,7 +32,8 @@ log = logging.getLogger("fastattr")
 class Explanation:
     """Prediction and explanation from one call, batch first.
 
-    logits:  `[N, num_classes]`, the model's output for the images.
+    logits:  `[N, num_classes]`, the model's output for the images (the target's scores `[N, M]` when the
+             explainer's `output=` is a target of `fastattr.targets`).
     classes: `[N, K]`, the class indices explained, in the order of `maps`' K axis.
     maps:    method name -> `[N, K, H, W]` (the input's size when upsampled, else the layer's size).
     layer:   the target layer's module path (None when only input methods ran).
@@ -39,6 +41,8 @@ class Explanation:
              the raw gradients of each explained logit.
     completeness: with "ig": `[N, K]`, the sum of Integrated Gradients' attributions minus
              logit(image) - logit(baseline); 0 for the exact integral, so it measures the quadrature's error.
+    real:    with `k=fastattr.targets.Above(t)`: `[N, K]` bool, True where the class's score exceeds t (False on
+             the entries that pad an image with fewer such classes to K).
     """
 
     logits: Tensor
@@ -47,6 +51,7 @@ class Explanation:
     layer: str | None
     grads: dict[str, Tensor] = field(default_factory=dict)
     completeness: Tensor | None = None
+    real: Tensor | None = None
 
     def cpu(self) -> Explanation:
         """This explanation detached and on the CPU, floating tensors as float32: for encoding and drawing."""
@@ -55,7 +60,8 @@ class Explanation:
             return t.float() if t.is_floating_point() else t
         return Explanation(host(self.logits), host(self.classes), {m: host(v) for m, v in self.maps.items()},
                            self.layer, {n: host(g) for n, g in self.grads.items()},
-                           None if self.completeness is None else host(self.completeness))
+                           None if self.completeness is None else host(self.completeness),
+                           None if self.real is None else host(self.real))
 
 
 # SmoothGrad's noisy copies per image and noise (a fraction of each image's value range), Integrated
@@ -79,15 +85,16 @@ class Explainer:
     """A reusable, thread-safe explainer: the model split at `layer` once, then one pass per call.
 
     Args:
-        model: a classifier returning logits `[N, num_classes]` (or see `output`). It is used as it is:
+        model: a classifier returning logits `[N, num_classes]` (or any model, with a target as `output`). It is used as it is:
             put it in eval mode yourself. It is never modified: no hooks, no `requires_grad`, mode or
             `.grad` change, so it can be shared with plain inference and with other threads.
         layer: module path of the target layer for layer methods (Grad-CAM), as `model.get_submodule`
             takes it; default: the last child module holding a convolution (`layer4` for a ResNet).
         methods: names from `fastattr.METHODS`, e.g. ("gradcam", "saliency"); all share one forward and
             one backward.
-        output: how to pick the logits from a model that returns a tuple or dict: a key, an index or a
-            callable.
+        output: the scores to explain, `[N, M]`, from the model's output: a key or an index (a model returning a
+            tuple or dict), or a target, any function `output -> [N, M]`: `fastattr.targets.segmentation()`,
+            `.multilabel`, `.similarity(reference)` or your own. `classes=` and `k=` pick among the M scores.
         upsample: resize layer maps bilinearly to the input's size.
         normalize: min-max normalise each map to [0, 1] as the article does, at the method's own resolution
             (the layer's, for Grad-CAM) and before upsampling, so an upsampled map is the article's map resized
@@ -225,12 +232,21 @@ class Explainer:
         return (f"Explainer({type(self.model).__name__}, layer={self.layer!r}, methods={self.methods}, "
                 f"k_form={self.k_form!r}, traced={self.split.traced})")
 
-    def __call__(self, images: Tensor, classes: _targets.Classes = None, k: int | None = None,
+    def __call__(self, images: Tensor, classes: _targets.Classes = None, k: int | _targets.Above | None = None,
                  noise: Tensor | None = None) -> Explanation:
-        """Explain `images [N, C, H, W]` for `classes` (see `fastattr.targets`) or the top-`k` classes."""
+        """Explain `images [N, C, H, W]` for `classes` (see `fastattr.targets`), the top-`k` classes, or with
+        `k=fastattr.targets.Above(t)` every class scoring above t."""
         self.check_images(images)
         check_eval_mode(self.model)
         num_classes = self.num_classes(images)
+        if isinstance(k, _targets.Above):
+            if classes is not None:
+                raise TargetError("classes and k: got both (k=Above); pass classes= to name them or k=Above(t) to "
+                                  "take those above t, not both")
+            classes, real = _targets.passing(self._scores(images), k.threshold)
+            k = None
+        else:
+            real = None
         target = _targets.resolve(classes, k, images.shape[0], num_classes, images.device)
         if noise is not None:
             self._check_noise(images, noise)
@@ -241,7 +257,14 @@ class Explainer:
                 and tuple(self.baseline.shape[-3:]) != tuple(images.shape[1:]):
             raise InputError(f"baseline: shape {list(self.baseline.shape)} does not match the images "
                              f"{list(images.shape[1:])}; give a baseline [C, H, W] of the images' size")
-        return self._run(images, target.classes, target.k, noise)
+        out = self._run(images, target.classes, target.k, noise)
+        return out if real is None else dataclasses.replace(out, real=real)
+
+    def _scores(self, images: Tensor) -> Tensor:
+        """The target's scores `[N, M]`, without autograd (in the explainer's autocast dtype)."""
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=self.dtype or torch.bfloat16,
+                                             enabled=self.dtype is not None):
+            return self._whole.head(images).to(images.dtype)
 
     def _run(self, images: Tensor, classes: Tensor | None, k: int, noise: Tensor | None = None) -> Explanation:
         # The checked inputs through the compiled graph, when there is one, else eagerly.

@@ -99,9 +99,13 @@ def _selector(output: OutputSelector) -> Callable[[Any], Tensor]:
     raise ModelOutputError(f"output: expected a key, an index or a callable, got {type(output).__name__}")
 
 
-def _check_logits(out: Any, model: nn.Module, output: OutputSelector) -> Tensor:
-    if isinstance(out, Tensor) and out.ndim == 2:
+def _check_logits(out: Any, model: nn.Module, output: OutputSelector, batch: int) -> Tensor:
+    if isinstance(out, Tensor) and out.ndim == 2 and out.shape[0] == batch:
         return out
+    if isinstance(out, Tensor) and callable(output):
+        raise ModelOutputError(
+            f"output: the target {getattr(output, '__name__', type(output).__name__)} returned a tensor of shape "
+            f"{list(out.shape)} for {batch} image(s); a target must return scores [N={batch}, M], one row per image")
     if isinstance(out, Tensor):
         raise ModelOutputError(
             f"output: expected logits [N, num_classes] from {type(model).__name__}, got a tensor of shape "
@@ -154,7 +158,7 @@ def split(model: nn.Module, layer: str | None, output: OutputSelector = None) ->
     def head_of_clone(acts: Tensor, *carried: Any) -> Tensor:
         # Some heads start in place (DenseNet: F.relu(features, inplace=True)); the clone keeps the layer's
         # output as the layer returned it, and the vjp primal untouched.
-        return _check_logits(select(head(acts.clone(), *carried)), model, output)
+        return _check_logits(select(head(acts.clone(), *carried)), model, output, acts.shape[0])
 
     return Split(model, layer, trunk, head_of_clone, True)
 
@@ -163,7 +167,7 @@ def at_input(model: nn.Module, output: OutputSelector = None, forward: Callable[
     """`model` as a Split at its input, for input methods: the trunk is the identity and the head is `forward`
     (default: the model itself; guided backpropagation passes its rewritten graph)."""
     select, forward = _selector(output), forward or model
-    return Split(model, None, lambda x: (x,), lambda x: _check_logits(select(forward(x)), model, output), True)
+    return Split(model, None, lambda x: (x,), lambda x: _check_logits(select(forward(x)), model, output, x.shape[0]), True)
 
 
 def _cut(gm: fx.GraphModule, layer: str, model_name: str) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -369,7 +373,7 @@ def _hooked_head(model: nn.Module, module: nn.Module, layer: str, select, output
 
         handle = module.register_forward_hook(keep)
         try:
-            logits = _check_logits(select(model(x)), model, output)
+            logits = _check_logits(select(model(x)), model, output, x.shape[0])
         finally:
             handle.remove()
         if len(seen) != 1:

@@ -1,12 +1,24 @@
-"""Which classes to explain: the one place where `classes=` and `k=` are read.
+"""What to explain: the one place where `classes=` and `k=` are read, and the targets beyond a class logit.
 
-Accepted forms, for a batch of N images and a model with `num_classes` outputs:
+A target is a pure function of the model's output giving M scores per image, `[N, M]`; pass it as an
+Explainer's `output=`. The engine differentiates the scores `classes=` or `k=` pick from it with the same one
+forward and K-cotangent backward as class logits (the logits are the default target). Built in:
+
+- `segmentation(mask=None)`: `[N, C, H, W]` class maps (or torchvision's `{"out": ...}`) -> class c's score
+  summed over the pixels whose argmax is c, or over a mask you give;
+- `multilabel`: sigmoid probabilities of independent labels; `k=Above(0.5)` explains every label above 0.5;
+- `similarity(reference)`: an embedding `[N, D]` -> cosine similarity to each reference embedding `[R, D]`;
+- any callable `output -> [N, M]` you write.
+
+Accepted `classes=` / `k=` forms, for a batch of N images and a target with `num_classes` (M) outputs:
 
 - ``classes=None, k=None``: the top-1 class of each image;
 - ``classes=None, k=K``: the top-K classes of each image, in descending order of logit;
 - ``classes=c`` (an int): class c for every image;
 - ``classes=[c1, c2, ...]`` (a list or tuple of ints): the same classes for every image;
-- ``classes=tensor[N]``: one class per image;  ``classes=tensor[N, K]``: K classes per image.
+- ``classes=tensor[N]``: one class per image;  ``classes=tensor[N, K]``: K classes per image;
+- ``k=Above(t)``: every output whose score exceeds t, K the most any image of the batch has; an image with
+  fewer is padded with its next-highest outputs, and `Explanation.real` says which entries passed.
 
 numpy integers and integer arrays are taken as the ints and tensors they are.
 """
@@ -14,11 +26,12 @@ numpy integers and integer arrays are taken as the ints and tensors they are.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import TargetError
@@ -77,6 +90,110 @@ def resolve(classes: Classes, k: int | None, n: int, num_classes: int, device: t
         raise TargetError(
             f"classes: index {first} out of range for a model with {num_classes} outputs (valid 0..{num_classes - 1})")
     return Targets(table.to(device=device, dtype=torch.long).contiguous(), table.shape[1])
+
+
+@dataclass(frozen=True)
+class Above:
+    """`k=Above(threshold)`: explain, for each image, every output whose score exceeds `threshold`.
+
+    The scores are the target's (for `multilabel`, probabilities). K is the most outputs any image of the batch
+    has above the threshold (at least 1); an image with fewer is padded with its next-highest outputs, and
+    `Explanation.real [N, K]` is False on those. Deciding K takes the scores first: one forward without
+    autograd more than a fixed `k`.
+
+    >>> out = fastattr.Explainer(model, output=fastattr.targets.multilabel)(images, k=Above(0.5))  # doctest: +SKIP
+    >>> out.classes[out.real]                   # the labels above 0.5, image by image   # doctest: +SKIP
+    """
+
+    threshold: float
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not torch.isfinite(torch.tensor(float(self.threshold))):
+            raise TargetError(f"k=Above(threshold): the threshold must be a finite number, got {self.threshold!r}")
+
+
+def passing(scores: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """`(classes [N, K], real [N, K])` for `k=Above(threshold)`: each image's outputs in descending order of score,
+    K the most any image has above `threshold` (at least 1), `real` True where the score exceeds it."""
+    k = max(1, int((scores > threshold).sum(1).max()))
+    top = scores.topk(k, dim=1)
+    return top.indices, top.values > threshold
+
+
+def multilabel(logits: Tensor) -> Tensor:
+    """Multi-label target: each label's probability, sigmoid(z_c), for a model scoring independent labels.
+
+    Explaining sigmoid(z_c) rather than z_c scales each gradient by sigmoid'(z_c) > 0, so min-max normalised maps
+    are those of the logit; the difference is `k=Above(t)`, which reads probabilities.
+
+    >>> explainer = fastattr.Explainer(tagger, output=fastattr.targets.multilabel)   # doctest: +SKIP
+    >>> out = explainer(images, k=fastattr.targets.Above(0.5))                        # doctest: +SKIP
+    """
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        raise TargetError(f"multilabel: expects the model's label logits [N, labels], got "
+                          f"{list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+    return torch.sigmoid(logits)
+
+
+def segmentation(mask: Tensor | None = None, key: str = "out") -> Callable[[Any], Tensor]:
+    """Segmentation target: class c's score summed over a region, `s_c = sum_ij y_c(i, j) * M_c(i, j)`, for a
+    model returning class maps `y [N, C, H, W]` (or a dict holding them under `key`, as torchvision's FCN,
+    DeepLabV3 and LR-ASPP do).
+
+    `M_c` is, by default, the pixels whose argmax is c (pytorch-grad-cam's tutorial target); with `mask [H, W]`
+    (bool or weights, at the output's size) it is that mask for every class and image, as pytorch-grad-cam's
+    `SemanticSegmentationTarget`. The argmax is a constant of the backward, as there.
+
+    >>> explainer = fastattr.Explainer(deeplab, "backbone.layer4", output=fastattr.targets.segmentation())  # doctest: +SKIP
+    >>> out = explainer(images, k=5)            # the five classes with the largest summed score   # doctest: +SKIP
+    """
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.dtype.is_complex:
+            got = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise TargetError(f"segmentation: mask must be a tensor [H, W] (bool or weights) at the output's size, "
+                              f"got {got}")
+        mask = mask.detach()
+
+    def scores(out: Any) -> Tensor:
+        maps = out[key] if isinstance(out, Mapping) else out
+        if not isinstance(maps, Tensor) or maps.ndim != 4:
+            got = list(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+            raise TargetError(f"segmentation: expects class maps [N, C, H, W] (or a dict with {key!r}), got {got}; "
+                              "for another layout write a target output -> [N, M]")
+        if mask is None:
+            region = maps.argmax(1, keepdim=True) == torch.arange(maps.shape[1], device=maps.device).view(1, -1, 1, 1)
+        elif tuple(mask.shape) != tuple(maps.shape[-2:]):
+            raise TargetError(f"segmentation: mask is {list(mask.shape)} but the model's class maps are "
+                              f"{list(maps.shape[-2:])}; give a mask [H, W] of the output's size")
+        else:
+            region = mask.to(maps.device)
+        return (maps * region.to(maps.dtype)).sum((2, 3))
+
+    return scores
+
+
+def similarity(reference: Tensor) -> Callable[[Tensor], Tensor]:
+    """Embedding target: cosine similarity of the model's embedding `e [N, D]` to each reference `r [R, D]` (or
+    one `[D]`): `s_r = e . r / (|e| |r|)`, as pytorch-grad-cam's `SimilarityToConceptTarget`, batched over R
+    references (another image's embedding, or a text embedding you computed).
+
+    >>> explainer = fastattr.Explainer(encoder, "layer4", output=fastattr.targets.similarity(concepts))  # doctest: +SKIP
+    >>> out = explainer(images, classes=[0, 1])   # maps for the first two concepts   # doctest: +SKIP
+    """
+    if not isinstance(reference, Tensor) or reference.ndim not in (1, 2) or not reference.is_floating_point():
+        got = f"{list(reference.shape)} {reference.dtype}" if isinstance(reference, Tensor) else type(reference).__name__
+        raise TargetError(f"similarity: reference must be a floating tensor [D] or [R, D], got {got}")
+    references = reference.detach().reshape(-1, reference.shape[-1])
+
+    def scores(embedding: Tensor) -> Tensor:
+        if not isinstance(embedding, Tensor) or embedding.ndim != 2 or embedding.shape[1] != references.shape[1]:
+            got = list(embedding.shape) if isinstance(embedding, Tensor) else type(embedding).__name__
+            raise TargetError(f"similarity: the model's embedding is {got}, the references [R, D] are "
+                              f"{list(references.shape)}; give references of the embedding's size D")
+        return F.cosine_similarity(embedding.unsqueeze(1), references.to(embedding).unsqueeze(0), dim=-1)
+
+    return scores
 
 
 def _is_index(value: Any) -> bool:

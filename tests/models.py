@@ -77,7 +77,20 @@ MINI_ARCHS = {
 def model(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """`name` from torchvision (or `MINI_ARCHS`) with random weights and calibrated batch norms, in eval mode."""
     torch.manual_seed(0)
-    net = (_mini(name) if name in MINI_ARCHS else getattr(torchvision.models, name)()).to(dtype)
+    return calibrated((_mini(name) if name in MINI_ARCHS else getattr(torchvision.models, name)()).to(dtype), dtype)
+
+
+@functools.cache
+def segmenter(name: str, dtype: torch.dtype = torch.float32, num_classes: int = 6) -> nn.Module:
+    """torchvision's segmentation model `name` (deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large, ...) with
+    `num_classes` classes, random weights and calibrated batch norms, in eval mode; it returns `{"out": [N, C, H, W]}`."""
+    torch.manual_seed(0)
+    build = getattr(torchvision.models.segmentation, name)
+    return calibrated(build(weights=None, weights_backbone=None, num_classes=num_classes).to(dtype), dtype)
+
+
+def calibrated(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`net` in eval mode, each batch norm's running statistics those of one pass over random images."""
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = None

@@ -1,0 +1,311 @@
+"""Targets beyond a class logit (fastattr.targets): segmentation, multi-label, embeddings and any callable equal
+the article's Grad-CAM and saliency computed by hooks and autograd, one backward per target.
+
+The reference wraps the model so that its output is the target's scores `[N, M]` and hands it to
+`fastattr.reference` (the article's hooks: `output[:, c].sum().backward()`), one image and one score at a
+time. Float64, so the fast path must agree to 1e-8: the target composes into the head and its K scores are
+differentiated by the same one forward and K-cotangent backward as class logits.
+"""
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastattr
+from fastattr import reference, targets
+from models import images, model, segmenter
+
+TOL = 1e-8
+# name -> a layer with a spatial map of a few cells at 64x64 (the backbones run at output stride 16 or more).
+SEGMENTERS = {"deeplabv3_mobilenet_v3_large": "backbone.13", "lraspp_mobilenet_v3_large": "backbone.12"}
+CLASSIFIERS = {"resnet18": "layer3", "mobilenet_v3_small": "features.9"}
+# (batch, K): K = 1 and 3, batch 1 and 2.
+SHAPES = [(1, 1), (2, 3)]
+
+
+class Scored(nn.Module):
+    """`net` whose output is the target's scores, for the article's reference code."""
+
+    def __init__(self, net: nn.Module, target):
+        super().__init__()
+        self.net, self.target = net, target
+
+    def forward(self, x):
+        return self.target(self.net(x))
+
+
+def article_maps(net, layer, target, x, classes):
+    """The article's Grad-CAM `[N, K, h, w]` and saliency `[N, K, H, W]` of `target`'s scores, one backward each."""
+    scored = Scored(net, target)
+    cam = [[reference.GradCAM(scored, net.get_submodule(layer))(x[n:n + 1], int(c))[0] for c in row]
+           for n, row in enumerate(classes)]
+    sal = [[reference.compute_saliency_map(scored, x[n:n + 1], int(c)) for c in row] for n, row in enumerate(classes)]
+    return torch.from_numpy(np.array(cam)), torch.from_numpy(np.array(sal))
+
+
+def assert_equals_the_article(net, layer, target, x, k):
+    out = fastattr.Explainer(net, layer, ("gradcam", "saliency"), output=target, upsample=False)(x, k=k)
+    cam, sal = article_maps(net, layer, target, x, out.classes)
+    assert out.classes.shape == (x.shape[0], k)
+    torch.testing.assert_close(out.maps["gradcam"], cam, rtol=0, atol=TOL)
+    torch.testing.assert_close(out.maps["saliency"], sal, rtol=0, atol=TOL)
+    torch.testing.assert_close(out.logits, target(net(x)), rtol=0, atol=TOL)
+    return out
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("name", SEGMENTERS)
+def test_segmentation_of_the_argmax_region_equals_the_article_per_class(name, n, k):
+    net = segmenter(name, torch.float64)
+    out = assert_equals_the_article(net, SEGMENTERS[name], targets.segmentation(), images(n, torch.float64), k)
+    assert (out.maps["gradcam"].flatten(2).amax(-1) > 0).all()  # the regions are not empty: the maps have content
+
+
+def test_segmentation_scores_are_each_classs_output_summed_over_its_argmax_pixels():
+    out = {"out": torch.tensor([[[[1.0, 3.0]], [[2.0, 0.5]]]])}  # [1, 2 classes, 1, 2 pixels]
+    # pixel 0: class 1 wins (2 > 1); pixel 1: class 0 wins (3 > 0.5)
+    assert targets.segmentation()(out).tolist() == [[3.0, 2.0]]
+
+
+def test_segmentation_with_a_mask_sums_every_class_over_the_mask():
+    out = {"out": torch.tensor([[[[1.0, 3.0]], [[2.0, 0.5]]]])}
+    assert targets.segmentation(torch.tensor([[True, False]]))(out).tolist() == [[1.0, 2.0]]
+
+
+def test_segmentation_with_a_mask_equals_the_article():
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[16:40, 8:48] = True
+    net = segmenter("deeplabv3_mobilenet_v3_large", torch.float64)
+    assert_equals_the_article(net, SEGMENTERS["deeplabv3_mobilenet_v3_large"], targets.segmentation(mask),
+                              images(2, torch.float64), 3)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_multilabel_probabilities_equal_the_article(name, n, k):
+    assert_equals_the_article(model(name, torch.float64), CLASSIFIERS[name], targets.multilabel,
+                              images(n, torch.float64), k)
+
+
+def embedder(name, dtype=torch.float64):
+    """A copy of `name` with its classifier replaced by the identity: an embedding model `[N, D]`."""
+    net = copy.deepcopy(model(name, dtype))
+    if name == "resnet18":
+        return nn.Sequential(*list(net.children())[:-1], nn.Flatten()).eval()
+    return nn.Sequential(net.features, net.avgpool, nn.Flatten()).eval()
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_similarity_to_reference_embeddings_equals_the_article(name, n, k):
+    net = embedder(name)
+    layer = {"resnet18": "6", "mobilenet_v3_small": "0.9"}[name]  # CLASSIFIERS' layers in the Sequential
+    with torch.no_grad():
+        concepts = net(images(4, torch.float64, seed=9))
+    assert_equals_the_article(net, layer, targets.similarity(concepts), images(n, torch.float64), k)
+
+
+def test_similarity_is_the_cosine_of_the_embedding_and_each_reference():
+    scores = targets.similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))(torch.tensor([[3.0, 0.0], [0.0, 2.0]]))
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 2 ** -0.5], [0.0, 2 ** -0.5]]))
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_a_callable_target_equals_the_article(n, k):
+    def log_odds_against_class_0(logits):
+        return logits[:, 1:] - logits[:, :1]
+
+    assert_equals_the_article(model("resnet18", torch.float64), "layer3", log_odds_against_class_0,
+                              images(n, torch.float64), k)
+
+
+# --- k=Above(t): every class above a threshold, padded --------------------------------------------------------
+
+def test_above_takes_each_images_classes_over_the_threshold_padded_with_the_next_highest():
+    classes, real = targets.passing(torch.tensor([[0.9, 0.2, 0.7], [0.1, 0.3, 0.6]]), 0.5)
+    assert classes.tolist() == [[0, 2], [2, 1]]
+    assert real.tolist() == [[True, True], [True, False]]
+
+
+def test_above_with_no_class_over_the_threshold_explains_the_top_one_marked_not_real():
+    classes, real = targets.passing(torch.tensor([[0.1, 0.3]]), 0.5)
+    assert classes.tolist() == [[1]] and real.tolist() == [[False]]
+
+
+def test_an_explainer_with_above_equals_one_given_those_classes_and_reports_which_are_real():
+    net, x = model("resnet18"), images(2)
+    explainer = fastattr.Explainer(net, "layer3", ("gradcam",), output=targets.multilabel)
+    out = explainer(x, k=targets.Above(0.6))
+    given = explainer(x, classes=out.classes)
+    assert out.real.shape == out.classes.shape and out.classes.shape[1] >= 1
+    assert torch.equal(out.real, out.logits.gather(1, out.classes) > 0.6)
+    assert out.real.any(1).all() or out.classes.shape[1] == 1
+    torch.testing.assert_close(out.maps["gradcam"], given.maps["gradcam"])
+    assert given.real is None
+
+
+# --- bad targets: a clear error, before any backward --------------------------------------------------------
+
+def refused(net, layer, target, x, error, message, **call):
+    """Assert the error, and return the batch sizes of the forwards the target saw: the probe's one image when
+    the error comes before any work."""
+    seen = []
+
+    @functools.wraps(target)
+    def counted(out):
+        seen.append((out["out"] if isinstance(out, dict) else out).shape[0])
+        return target(out)
+
+    with pytest.raises(error, match=message):
+        fastattr.Explainer(net, layer, output=counted)(x, **call)
+    return seen
+
+
+def test_a_mask_of_the_wrong_size_is_refused_at_the_first_forward():
+    seen = refused(segmenter("lraspp_mobilenet_v3_large"), SEGMENTERS["lraspp_mobilenet_v3_large"],
+                   targets.segmentation(torch.ones(32, 32)), images(2), fastattr.TargetError,
+                   r"segmentation: mask is \[32, 32\] but the model's class maps are \[64, 64\]; give a mask \[H, W\]")
+    assert seen == [1]
+
+
+def test_a_segmentation_target_on_a_classifier_is_refused():
+    seen = refused(model("resnet18"), "layer3", targets.segmentation(), images(2), fastattr.TargetError,
+                   r"segmentation: expects class maps \[N, C, H, W\] \(or a dict with 'out'\), got \[1, 1000\]")
+    assert seen == [1]
+
+
+def test_references_of_another_size_than_the_embedding_are_refused():
+    refused(model("resnet18"), "layer3", targets.similarity(torch.ones(2, 512)), images(2), fastattr.TargetError,
+            r"similarity: the model's embedding is \[1, 1000\], the references \[R, D\] are \[2, 512\]")
+
+
+def test_a_callable_returning_one_row_for_the_batch_is_refused_before_the_backward():
+    def batch_mean(logits):
+        return logits.mean(0, keepdim=True)
+
+    seen = refused(model("resnet18"), "layer3", batch_mean, images(2), fastattr.ModelOutputError,
+                   r"the target batch_mean returned a tensor of shape \[1, 1000\] for 2 image\(s\); a target must "
+                   r"return scores \[N=2, M\]")
+    assert seen == [1, 2]  # the probe's one image passes; the batch's forward stops before its backward
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: targets.segmentation(torch.ones(2, 3, 4)), r"mask must be a tensor \[H, W\]"),
+    (lambda: targets.similarity(torch.ones(2, 3, 4)), r"reference must be a floating tensor \[D\] or \[R, D\]"),
+    (lambda: targets.similarity(torch.ones(4, dtype=torch.long)), r"reference must be a floating tensor"),
+    (lambda: targets.Above(float("nan")), r"the threshold must be a finite number, got nan"),
+])
+def test_malformed_targets_are_refused_when_built(build, message):
+    with pytest.raises(fastattr.TargetError, match=message):
+        build()
+
+
+def test_above_with_named_classes_is_refused():
+    explainer = fastattr.Explainer(model("resnet18"), "layer3", output=targets.multilabel)
+    with pytest.raises(fastattr.TargetError, match=r"got both \(k=Above\)"):
+        explainer(images(1), classes=[1], k=targets.Above(0.5))
+
+
+# --- compile and export ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["segmentation", "multilabel"])
+def test_a_compiled_explainer_of_a_target_equals_eager(target):
+    net, layer, fn = (segmenter("lraspp_mobilenet_v3_large"), SEGMENTERS["lraspp_mobilenet_v3_large"],
+                      targets.segmentation()) if target == "segmentation" else (model("resnet18"), "layer3",
+                                                                                 targets.multilabel)
+    options = dict(layer=layer, methods=("gradcam", "saliency"), output=fn)
+    x = images(2)
+    compiled = fastattr.Explainer(net, compile={"backend": "eager"}, **options)(x, k=3)
+    eager = fastattr.Explainer(net, **options)(x, k=3)
+    assert torch.equal(compiled.classes, eager.classes)
+    for name in eager.maps:
+        torch.testing.assert_close(compiled.maps[name], eager.maps[name], rtol=1e-5, atol=1e-5)
+
+
+# --- pytorch-grad-cam's targets ---------------------------------------------------------------------------------
+# pytorch-grad-cam 1.5.7 explains one target per call and image through hooks; its maps are min-max normalised at
+# the layer, resized with cv2 and normalised again (tests/test_peers.py), so fastattr's resized map is compared
+# after the same renormalisation, within test_peers' tolerance. Its SemanticSegmentationTarget is
+# `(output[c] * mask).sum()` on one image's `[C, H, W]`: fastattr's `segmentation(mask)` by definition. Its
+# SimilarityToConceptTarget lives in its tutorial, not its package: `CosineSimilarity(dim=0)(output, concept)`,
+# fastattr's `similarity` for one reference; the tutorial's class is written out below.
+
+def pytorch_grad_cam_maps(net, layer, x, targets_per_class):
+    """pytorch-grad-cam's Grad-CAM `[N, K, H, W]`: one call per class j, with targets_per_class[j] per image."""
+    pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
+    maps = []
+    for per_image in targets_per_class:
+        with pytorch_grad_cam.GradCAM(model=net, target_layers=[net.get_submodule(layer)]) as cam:
+            maps.append(cam(input_tensor=x, targets=per_image))
+    return torch.from_numpy(np.stack(maps, 1))
+
+
+class OutMap(nn.Module):
+    """A torchvision segmentation model's `["out"]`, as pytorch-grad-cam's segmentation tutorial wraps it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)["out"]
+
+
+def test_segmentation_with_a_mask_equals_pytorch_grad_cams_semantic_segmentation_target():
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+    from test_peers import NORMALISED_TOL, assert_close_to_peer, renormalised
+
+    name = "deeplabv3_mobilenet_v3_large"
+    net, x, classes = segmenter(name), images(2), [1, 4]
+    mask = np.zeros((64, 64), dtype=np.float32)
+    mask[16:40, 8:48] = 1
+    ours = fastattr.Explainer(net, SEGMENTERS[name], output=targets.segmentation(torch.from_numpy(mask)))(x, classes)
+    theirs = pytorch_grad_cam_maps(OutMap(net).eval(), "net." + SEGMENTERS[name], x,
+                                   [[SemanticSegmentationTarget(c, mask)] * len(x) for c in classes])
+    assert_close_to_peer(renormalised(ours.maps["gradcam"]), theirs, NORMALISED_TOL)
+
+
+class SimilarityToConceptTarget:
+    """pytorch-grad-cam's tutorial target (Pixel Attribution for embeddings), as the tutorial writes it."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __call__(self, model_output):
+        return torch.nn.CosineSimilarity(dim=0)(model_output, self.features)
+
+
+def test_similarity_equals_pytorch_grad_cams_tutorial_similarity_to_concept_target():
+    from test_peers import NORMALISED_TOL, assert_close_to_peer, renormalised
+
+    net = embedder("resnet18", torch.float32)
+    with torch.no_grad():
+        concepts = net(images(2, seed=4))  # concepts whose four maps all have positive cells (some seeds give a zero map)
+    x = images(2)
+    ours = fastattr.Explainer(net, "6", output=targets.similarity(concepts))(x, classes=[0, 1])
+    theirs = pytorch_grad_cam_maps(net, "6", x, [[SimilarityToConceptTarget(c)] * len(x) for c in concepts])
+    assert_close_to_peer(renormalised(ours.maps["gradcam"]), theirs, NORMALISED_TOL)
+
+
+@pytest.mark.slow  # ONNX exports
+@pytest.mark.parametrize("target", ["segmentation", "multilabel", "similarity"])
+def test_a_target_exports_to_onnx_and_onnxruntime_equals_eager(target, tmp_path):
+    from test_compile import assert_same_explanation
+
+    if target == "segmentation":
+        net, layer, fn = segmenter("lraspp_mobilenet_v3_large"), SEGMENTERS["lraspp_mobilenet_v3_large"], \
+            targets.segmentation()
+    elif target == "multilabel":
+        net, layer, fn = model("mini-resnet18"), "layer3", targets.multilabel
+    else:
+        net, layer = model("mini-resnet18"), "layer3"
+        with torch.no_grad():
+            fn = targets.similarity(net(images(3, seed=9)))
+    options = dict(layer=layer, methods=("gradcam", "saliency"), output=fn)
+    path = fastattr.export_onnx(net, tmp_path / f"{target}.onnx", k=2, input_shape=(3, 64, 64), **options)
+    x = images(2)
+    assert_same_explanation(fastattr.OnnxExplainer(path)(x), fastattr.Explainer(net, **options)(x, k=2))
