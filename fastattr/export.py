@@ -50,6 +50,8 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     # All of an image's points in one graph: the chunk size would be a function of the traced batch size. A
     # loaded export bounds memory by calling the graph on fewer images at once (`_in_chunks`).
     check_eval_mode(model)
+    if reason := getattr(options.get("output"), "not_exportable", None):  # a target that says why it cannot be
+        raise ExportError(f"output: {reason}")
     options = {name: value for name, value in options.items() if name != "sample_batch"}  # the loader's option
     explainer = Explainer(model, layer, methods, **options, sample_batch=None)
     if perturbed := _methods.perturbed(explainer.methods):

@@ -8,6 +8,7 @@ forward and K-cotangent backward as class logits (the logits are the default tar
   summed over the pixels whose argmax is c, or over a mask you give;
 - `multilabel`: sigmoid probabilities of independent labels; `k=Above(0.5)` explains every label above 0.5;
 - `similarity(reference)`: an embedding `[N, D]` -> cosine similarity to each reference embedding `[R, D]`;
+- `boxes(named, labels)`: a detector's per-image boxes -> the score of the predicted box matching each named one;
 - any callable `output -> [N, M]` you write.
 
 Accepted `classes=` / `k=` forms, for a batch of N images and a target with `num_classes` (M) outputs:
@@ -193,6 +194,64 @@ def similarity(reference: Tensor) -> Callable[[Tensor], Tensor]:
                               f"{list(references.shape)}; give references of the embedding's size D")
         return F.cosine_similarity(embedding.unsqueeze(1), references.to(embedding).unsqueeze(0), dim=-1)
 
+    return scores
+
+
+def boxes(named: Tensor, labels: Sequence[int] | Tensor, iou: float = 0.5, plus_iou: bool = False) -> Callable[[Any], Tensor]:
+    """Detection target: for each named box m (`named [M, 4]`, x1 y1 x2 y2 in the input's pixels, with
+    `labels[m]`), the classification score of the detector's predicted box that overlaps it most, for a detector
+    returning one dict of `boxes`, `labels`, `scores` per image (torchvision's Faster R-CNN, RetinaNet, FCOS, SSD).
+
+    `s_m = score(b*)`, `b* = argmax_b IoU(b, named_m)`, which must carry `labels[m]` and overlap by more than `iou`;
+    `plus_iou=True` adds `IoU(b*, named_m)` (whose gradient runs through the box regression), which is
+    pytorch-grad-cam's `FasterRCNNBoxScoreTarget` for one box. Where it gives 0 to a box with no match, fastattr
+    raises `TargetError` in the forward, before any backward. The named boxes are shared by the batch (explain
+    images with different boxes in separate calls); torchvision's detectors cannot be traced, so they run on the
+    eager hook path and are neither compiled nor exported.
+
+    >>> explainer = fastattr.Explainer(detector, "backbone.body", output=fastattr.targets.boxes(b, [1]))  # doctest: +SKIP
+    >>> out = explainer(image)                  # Grad-CAM of the score of the box matching b   # doctest: +SKIP
+    """
+    named = torch.as_tensor(named).detach()
+    labels = torch.as_tensor(labels).detach().reshape(-1)
+    if named.ndim == 1:
+        named = named[None]
+    if named.ndim != 2 or named.shape[-1] != 4 or not named.is_floating_point() or len(named) == 0:
+        raise TargetError(f"boxes: named boxes must be a floating tensor [M, 4] (x1, y1, x2, y2), got "
+                          f"{list(named.shape)} {named.dtype}")
+    if labels.shape[0] != named.shape[0] or labels.dtype.is_floating_point:
+        raise TargetError(f"boxes: give one integer label per named box, got {labels.tolist()} for {len(named)} boxes")
+    if not 0 < iou < 1:
+        raise TargetError(f"boxes: iou must be in (0, 1), got {iou}")
+
+    def scores(detections: Any) -> Tensor:
+        from torchvision.ops import box_iou
+
+        if not isinstance(detections, (list, tuple)) or not all(
+                isinstance(d, Mapping) and {"boxes", "labels", "scores"} <= d.keys() for d in detections):
+            raise TargetError(f"boxes: expects a detector's output, one dict of boxes, labels and scores per image, "
+                              f"got {type(detections).__name__}")
+        rows = []
+        for i, d in enumerate(detections):
+            overlap = box_iou(named.to(d["boxes"]), d["boxes"])            # [M, D]
+            row = []
+            for m in range(len(named)):
+                best = int(overlap[m].argmax()) if overlap.shape[1] else None
+                if best is None or overlap[m, best] <= iou or int(d["labels"][best]) != int(labels[m]):
+                    found = "no box" if best is None else \
+                        f"box {d['boxes'][best].tolist()} of label {int(d['labels'][best])} at IoU {float(overlap[m, best]):.2f}"
+                    raise TargetError(f"boxes: named box {m} {named[m].tolist()} of label {int(labels[m])} has no predicted "
+                                      f"box of that label above IoU {iou} in image {i} (the closest: {found}); check "
+                                      "the box's coordinates (input pixels, x1 y1 x2 y2) and label, or lower iou")
+                row.append(d["scores"][best] + (overlap[m, best] if plus_iou else 0))
+            rows.append(torch.stack(row))
+        return torch.stack(rows)
+
+    # Read by the exporters: a detector's forward depends on the data (its proposals, NMS, a loop per image and
+    # box), so a trace would hold one image's detections as constants.
+    scores.not_exportable = ("a detection target cannot be exported: the detector's proposals, non-maximum "
+                             "suppression and box matching depend on each image, which a traced graph would fix to "
+                             "the example's; explain detectors with fastattr.Explainer")
     return scores
 
 

@@ -89,6 +89,19 @@ def segmenter(name: str, dtype: torch.dtype = torch.float32, num_classes: int = 
     return calibrated(build(weights=None, weights_backbone=None, num_classes=num_classes).to(dtype), dtype)
 
 
+@functools.cache
+def mini_fcn(num_classes: int = 6) -> nn.Module:
+    """torchvision's FCN on mini-resnet18's layers (float32, random weights, calibrated): a segmentation model whose
+    graph exports in seconds; it returns `{"out": [N, C, H, W]}` as torchvision's segmentation models do."""
+    from torchvision.models import resnet
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+    torch.manual_seed(0)
+    backbone = IntermediateLayerGetter(resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1]), {"layer4": "out"})
+    return calibrated(FCN(backbone, FCNHead(512, num_classes)), torch.float32)
+
+
 def calibrated(net: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`net` in eval mode, each batch norm's running statistics those of one pass over random images."""
     for m in net.modules():
