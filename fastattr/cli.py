@@ -66,7 +66,7 @@ def explain(args: argparse.Namespace) -> int:
                                                        out.maps, out.classes, names, steps=args.metric_steps)
     report = files.explain_files(found, pipeline, args.output, size=pipeline.input_size,
                                  batch_size=args.batch_size, class_names=pipeline.names, progress=not args.no_progress,
-                                 score=score)
+                                 score=score, task=pipeline.task, regions=pipeline.regions)
     print(f"wrote {len(report.written)} images and {report.results} to {args.output}")
     if passed_over:
         print(f"passed over {len(passed_over)} files without an image suffix in the folders given: "

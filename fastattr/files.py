@@ -101,7 +101,8 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                   size: int = 224, batch_size: int = 8, class_names: Sequence[str] | None = None,
                   device: str | torch.device = "cpu", mean: Sequence[float] = _images.IMAGENET_MEAN,
                   std: Sequence[float] = _images.IMAGENET_STD, progress: bool = True,
-                  score: Callable[[Tensor, Explanation], Evaluation] | None = None) -> Report:
+                  score: Callable[[Tensor, Explanation], Evaluation] | None = None, task: str = "classify",
+                  regions: Callable[[Tensor, Explanation], list[list[dict]] | None] | None = None) -> Report:
     """Read the images under `paths`, explain them `batch_size` at a time with `explain` (a `Pipeline`, or any
     callable from normalised images `[B, 3, size, size]` on `device` to an Explanation with normalised maps),
     and write `out_dir/NAME.png`
@@ -109,7 +110,11 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
     readable images, and those whose PNG cannot be written, are skipped and listed in `Report.failed`; the others
     are still explained. `score(images, explanation)`, when given, returns a `fastattr.metrics.Evaluation`: its
     values are written to each line as "metrics", and its curves (deletion, insertion) drawn into
-    `out_dir/NAME-curves.png`, named in the line as "curves".
+    `out_dir/NAME-curves.png`, named in the line as "curves". With `task` "classify" each line holds the explained
+    classes' softmax "probabilities", with any other task the target's "scores" (sigmoid probabilities, summed
+    class scores, detection scores). `regions(images, explanation)` (a `Pipeline`'s `regions`) gives what each
+    explained output refers to: a segmentation class's pixels, outlined on its row, or a detection's box, drawn on
+    its row and written to the line as "detections".
     Files in folders without an image suffix are not read (`Report.passed_over`), nor is
     `out_dir` when it is inside a folder given. Raises InputError, before any work, for a `batch_size` below 1,
     an `out_dir` that cannot be written, or `paths` that hold no image file."""
@@ -136,13 +141,21 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                 normalized = _images.normalize(display, mean, std)
                 out = explain(normalized)
                 scores = score(normalized, out) if score is not None else None
+                drawn = regions(normalized, out) if regions is not None else None
                 out, display = out.cpu(), display.cpu()
                 for i, (path, _) in enumerate(batch):
                     png = _unique_png(out_dir, path, taken)
-                    line = _describe(path, png, out, i, class_names)
-                    captions = [f"{name}  p={p:.2f}" for name, p in zip(line["names"], line["probabilities"])]
+                    line = _describe(path, png, out, i, class_names, task)
+                    if drawn is not None and task == "detect":
+                        line["detections"] = drawn[i]
+                        line["names"] = [d["name"] or f"label {d['label']}" for d in drawn[i]]
+                    values = line.get("probabilities", line.get("scores"))
+                    sign = "p" if "probabilities" in line else "s"
+                    captions = [f"{name}  {sign}={v:.2f}" for name, v in zip(line["names"], values)]
                     maps = {method: m[i].clamp(0, 1) for method, m in out.maps.items()}
-                    pictures = [(png, overlay.grid(display[i], maps, captions, title=_printable(path.name)))]
+                    shapes = None if drawn is None else [r.get("mask", r.get("box")) for r in drawn[i]]
+                    pictures = [(png, overlay.grid(display[i], maps, captions, title=_printable(path.name),
+                                                   regions=shapes))]
                     if scores is not None:
                         line["metrics"] = {method: {name: [round(v, 4) for v in values[i].tolist()]
                                                     for name, values in by_metric.items()}
@@ -167,10 +180,14 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
     return report
 
 
-def _describe(path: Path, png: Path, out: Explanation, i: int, class_names: Sequence[str] | None) -> dict:
+def _describe(path: Path, png: Path, out: Explanation, i: int, class_names: Sequence[str] | None,
+              task: str = "classify") -> dict:
     classes = out.classes[i].tolist()
-    probabilities = out.logits[i].float().softmax(-1)[out.classes[i]].tolist()
     names = [class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in classes]
-    return {"file": str(path), "image": png.name, "layer": out.layer, "classes": classes, "names": names,
-            "probabilities": [round(p, 4) for p in probabilities],
-            "maps": {method: map_statistics(m[i]) for method, m in out.maps.items()}}
+    line = {"file": str(path), "image": png.name, "layer": out.layer, "classes": classes, "names": names}
+    if task == "classify":  # logits: the softmax says how sure; any other target's scores are read as they are
+        line["probabilities"] = [round(p, 4) for p in out.logits[i].float().softmax(-1)[out.classes[i]].tolist()]
+    else:
+        line["scores"] = [round(v, 4) for v in out.logits[i].float()[out.classes[i]].tolist()]
+    line["maps"] = {method: map_statistics(m[i]) for method, m in out.maps.items()}
+    return line

@@ -64,11 +64,17 @@ def default_layer(model: nn.Module) -> str:
     `features.7.1.norm1` in Swin-T). Else the last direct child of the model that holds a convolution, extended
     over the norms and activations that directly follow it: `layer4` for a ResNet, `features` for VGG, MobileNet,
     EfficientNet, DenseNet and ConvNeXt, `trunk_output` for RegNet, `bn2` for timm's EfficientNets (the
-    pretrained default, `fastattr.zoo.efficientnet_lite0`).
+    pretrained default, `fastattr.zoo.efficientnet_lite0`). For torchvision's segmentation models and detectors,
+    the last feature map of their backbone's classification network (`backbone.layer4` in DeepLabV3-ResNet50 and
+    FCN, `backbone.body.layer4` in Faster R-CNN, RetinaNet and FCOS, `backbone.features.1` in SSDlite), not their
+    heads.
 
     >>> default_layer(torchvision.models.resnet18())   # doctest: +SKIP
     'layer4'
     """
+    if (backbone := _dense_backbone(model)) is not None:
+        path, module = backbone
+        return f"{path}.{default_layer(module)}"
     norms = _block_norms(model)
     if norms:
         return norms[-1]
@@ -96,3 +102,17 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         raise LayerError(
             f"layer: no module {name!r} in {type(model).__name__}; {hint}"
             f"fastattr.layers(model) lists the {len(layers(model))} candidates") from None
+
+
+def _dense_backbone(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(path, module) of the classification network inside a torchvision segmentation model or detector, else None:
+    its last feature map is where their heads start, and a default taken over the whole model would be a head."""
+    module = type(model).__module__
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module) or not module.startswith(("torchvision.models.segmentation",
+                                                                     "torchvision.models.detection")):
+        return None
+    for name in ("body", "features"):  # FPN detectors wrap it in .body, SSD in .features
+        if isinstance(getattr(backbone, name, None), nn.Module):
+            return f"backbone.{name}", getattr(backbone, name)
+    return "backbone", backbone

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
@@ -126,13 +127,18 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 
 def grid(image: Tensor, maps: dict[str, Tensor], captions: Sequence[str], *,
-         alpha: float = 0.5, title: str | None = None) -> Image.Image:
+         alpha: float = 0.5, title: str | None = None, regions: Sequence[Tensor | Sequence[float] | None] | None = None
+         ) -> Image.Image:
     """One picture of one image's explanations: a row per class, the photo then one overlay per method.
 
     image `[3, H, W]` in [0, 1]; maps: method -> `[K, h, w]` in [0, 1]; captions: K strings, one per row.
     Each tile is H x W with a caption line above it ("gradcam · Egyptian cat  p=0.71"); the photo is
     repeated in every row so that each row reads alone. Size: width `PAD + (1 + len(maps)) * (W + PAD)`,
     height `PAD + (TITLE_H if title else 0) + K * (CAPTION_H + H + PAD)`.
+
+    `regions` (one per row, or None) marks what the row explains on each of its tiles: a bool mask `[H, W]`
+    (a segmentation class's pixels) by its outline, a box `[x1, y1, x2, y2]` in pixels (a detection) by its edges,
+    both in `REGION_COLOUR`.
 
     >>> grid(photo, {"gradcam": cams}, ["Egyptian cat  p=0.71"], title="cat.jpg").save("cat.png")  # doctest: +SKIP
     """
@@ -154,14 +160,36 @@ def grid(image: Tensor, maps: dict[str, Tensor], captions: Sequence[str], *,
     photo = to_pil(image)
     overlays = {name: blend(image[None], m[None], alpha)[0] for name, m in maps.items()}  # [K, 3, H, W]
     font = _font(FONT_SIZE)
+    if regions is not None and len(regions) != k:
+        raise InputError(f"grid: regions must hold one mask, box or None per caption ({k}), got {len(regions)}")
     for row, caption in enumerate(captions):
         y = top + row * (CAPTION_H + h + PAD)
         tiles = [(caption, photo)] + [(f"{name} · {caption}", to_pil(o[row])) for name, o in overlays.items()]
         for col, (text, tile) in enumerate(tiles):
             x = PAD + col * (w + PAD)
             draw.text((x, y), _fit(draw, text, font, w), fill=_INK, font=font)
-            canvas.paste(tile, (x, y + CAPTION_H))
+            canvas.paste(_marked(tile, None if regions is None else regions[row]), (x, y + CAPTION_H))
     return canvas
+
+
+REGION_COLOUR = (0, 255, 0)  # outlines and boxes: a colour the jet colormap of the overlays does not use
+
+
+def _marked(tile: Image.Image, region: Tensor | Sequence[float] | None) -> Image.Image:
+    """`tile` with `region` drawn on it: a bool mask's outline (its pixels with a neighbour outside it) or a box."""
+    if region is None:
+        return tile
+    tile = tile.copy()
+    if isinstance(region, Tensor) and region.ndim == 2:
+        mask = region.bool()
+        inner = torch.nn.functional.pad(mask, (1, 1, 1, 1), value=False)
+        inner = inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+        pixels = torch.from_numpy(np.array(tile))
+        pixels[mask & ~inner] = torch.tensor(REGION_COLOUR, dtype=pixels.dtype)
+        return Image.fromarray(pixels.numpy())
+    x1, y1, x2, y2 = (float(v) for v in region)
+    ImageDraw.Draw(tile).rectangle((x1, y1, x2, y2), outline=REGION_COLOUR, width=2)
+    return tile
 
 
 # One colour per method in `curves`: matplotlib's "tab10" qualitative palette (Vega's category10), in order.

@@ -24,15 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import methods as _methods, zoo
+from . import methods as _methods, targets, zoo
 from .errors import InputError, at_least
 from .explain import OCCLUSION, SAMPLE_BATCH, SAMPLING, Explainer, Explanation
 from .export import OnnxExplainer, Program, export_onnx, export_program, load_program
 
-__all__ = ["Spec", "Pipeline", "build", "load_model", "check", "check_device", "check_trusted", "export", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
+__all__ = ["Spec", "Pipeline", "build", "task_of", "TASKS", "load_model", "check", "check_device", "check_trusted", "export", "parse_methods", "class_names", "DEFAULTS", "BACKENDS",
            "EXPORT_SUFFIXES"]
 
 BACKENDS = ("eager", "compiled", "onnx", "pt2")
+TASKS = ("classify", "multilabel", "segment", "detect")
 EXPORT_SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
 # What a spec leaves out, for every entry point. Sampling options not given are the Explainer's (`SAMPLING`).
 DEFAULTS: dict[str, Any] = {"model": zoo.PRETRAINED, "methods": ("gradcam", "saliency"), "k": 3, "input_size": 224,
@@ -51,9 +52,27 @@ def parse_methods(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return _methods.resolve(tuple(n.strip() for n in names if n.strip()))
 
 
-def class_names(num_classes: int) -> tuple[str, ...] | None:
-    """ImageNet's class names for a model with 1000 outputs, else None (classes are then shown by index)."""
-    return zoo.imagenet_classes() if num_classes == 1000 else None
+def class_names(num_classes: int, model: str | None = None, task: str = "classify") -> tuple[str, ...] | None:
+    """The names of the explained outputs: a named torchvision model's categories (ImageNet's, VOC's, COCO's) when
+    it has that many outputs, ImageNet's for any other model with 1000, else None (classes are then shown by
+    index). A detection's outputs are its top-k detections, which have no names."""
+    if task == "detect":
+        return None
+    named = zoo.categories(model, num_classes) if model is not None else None
+    return named or (zoo.imagenet_classes() if num_classes == 1000 else None)
+
+
+def task_of(spec: Spec) -> str:
+    """The spec's task: given, or by the model's family (`fastattr.zoo.task_of`); an export file's is baked in."""
+    if spec.task is not None:
+        return spec.task
+    return "classify" if spec.export_file is not None else zoo.task_of(spec.model)
+
+
+def _target(task: str, k: int):
+    # The Explainer's `output=` for a task (fastattr.targets): what the front ends' --task means.
+    return {"classify": None, "multilabel": targets.multilabel, "segment": targets.segmentation(),
+            "detect": targets.detections(k)}[task]
 
 
 def _option(default: Any, kind: type, help: str, *, least: float | None = None, choices: Sequence[str] | None = None,
@@ -111,6 +130,12 @@ class Spec:
     trusted: bool = _option(False, bool, help=(
         "load a .pt2 model file, which runs code as it is loaded (an AOTInductor package's native library, a "
         "torch.export program's pickles): only for files you made or trust"))
+    # Last, so that the positional order of the fields before it stays as it was.
+    task: str | None = _option(None, str, choices=TASKS, help=(
+        "what the model's output is and what is explained: classify (logits), multilabel (each label's sigmoid), "
+        "segment (class maps: each class's score summed over the pixels it wins), detect (a torchvision detector: "
+        "the scores of its top-k detections; eager backend only) (default: segment for torchvision's segmentation "
+        "models, detect for its detectors, else classify)"))
 
     def __post_init__(self):
         object.__setattr__(self, "model", str(self.model))
@@ -179,6 +204,7 @@ class Pipeline:
     names: tuple[str, ...] | None
     info: dict = field(default_factory=dict)
     _explain: Any = field(default=None, repr=False)   # Explainer, OnnxExplainer or Program
+    task: str = "classify"
 
     def __call__(self, images: Tensor, classes: Tensor | None = None, k: int | None = None) -> Explanation:
         if isinstance(self._explain, Explainer):
@@ -202,6 +228,26 @@ class Pipeline:
         if len(self.methods) < len(out.maps):
             out = replace(out, maps={m: out.maps[m] for m in self.methods})
         return out
+
+    def regions(self, images: Tensor, out: Explanation) -> list[list[dict]] | None:
+        """What each explained output refers to, per image and class, for drawing and reporting: for `segment`,
+        `{"mask": [H, W] bool}`, the pixels the class wins; for `detect`, `{"box": [x1, y1, x2, y2], "label": int,
+        "name": str | None, "score": float}`, the detection. None for the other tasks and for exports (no model to
+        run). One forward more, without autograd.
+        """
+        if self.task not in ("segment", "detect") or self.model is None:
+            return None
+        with torch.no_grad():
+            output = self.model(images.to(self.spec.device))
+        if self.task == "segment":
+            masks = targets.winning_pixels(output, out.classes).cpu()
+            return [[{"mask": mask} for mask in per_image] for per_image in masks]
+        labels, k = zoo.categories(self.spec.model), self.num_classes  # the detections the target scored
+        found = [[{"box": [round(v, 1) for v in box.tolist()], "label": int(label),
+                   "name": labels[int(label)] if labels and int(label) < len(labels) else None, "score": float(score)}
+                  for box, label, score in zip(d["boxes"], d["labels"], d["scores"])]
+                 for d in targets.top_detections(output, k)]
+        return [[per_image[c] for c in classes] for per_image, classes in zip(found, out.classes.tolist())]
 
     @property
     def model(self) -> nn.Module | None:
@@ -256,6 +302,13 @@ def check(spec: Spec, option_prefix: str = "") -> None:
         raise InputError(f"{option_prefix}methods: {', '.join(perturbed)} compile the forward of each chunk of "
                          f"perturbed copies, the others one graph; with {option_prefix}backend compiled explain them "
                          "in separate runs, or use the eager backend")
+    if spec.export_file is not None and spec.task is not None:
+        raise InputError(f"{option_prefix}task: {spec.model!r} is an export, whose graph holds its task; drop "
+                         f"{option_prefix}task or pass a model name")
+    if backend != "eager" and spec.export_file is None and task_of(spec) == "detect":
+        raise InputError(f"{option_prefix}task detect: torchvision's detectors run on the eager hook path only "
+                         f"(torch.fx cannot trace them, so no compiled graph or export holds them), and the backend "
+                         f"is {backend}; use {option_prefix}backend eager")
     path = Path(spec.model)
     if spec.export_file is not None:
         kind = EXPORT_SUFFIXES[spec.export_file.suffix.lower()]
@@ -311,9 +364,9 @@ def _export(spec: Spec, path: str | Path, fmt: str) -> Path:
     # Unchecked, as `_load`.
     model = _load(replace(spec, device="cpu") if fmt == "onnx" else spec)
     size = spec.input_size or DEFAULTS["input_size"]
-    options = dict(layer=spec.layer, methods=spec.methods or DEFAULTS["methods"],
-                   k=DEFAULTS["k"] if spec.k is None else spec.k, input_shape=(3, size, size),
-                   with_classes=spec.with_classes, **spec.sampling)
+    k = DEFAULTS["k"] if spec.k is None else spec.k
+    options = dict(layer=spec.layer, methods=spec.methods or DEFAULTS["methods"], k=k, input_shape=(3, size, size),
+                   with_classes=spec.with_classes, output=_target(task_of(spec), k), **spec.sampling)
     if fmt == "onnx":
         return export_onnx(model, path, **options)
     return export_program(model, path, aoti=fmt == "aoti", **options)
@@ -332,25 +385,26 @@ def build(spec: Spec, option_prefix: str = "") -> Pipeline:
     backend = spec.backend or DEFAULTS["backend"]
     if backend in ("eager", "compiled"):
         model = _load(spec)
-        size = spec.input_size or DEFAULTS["input_size"]
+        size, k, task = spec.input_size or DEFAULTS["input_size"], DEFAULTS["k"] if spec.k is None else spec.k, task_of(spec)
         explainer = Explainer(model, layer=spec.layer, methods=spec.methods or DEFAULTS["methods"],
-                              compile=backend == "compiled", sample_batch=_sample_batch(spec), **spec.sampling,
-                              **spec.occlusion)
-        num_classes = explainer.num_classes(torch.zeros(1, 3, size, size, device=spec.device))
-        return Pipeline(spec, backend, spec.model, explainer.methods, explainer.layer,
-                        DEFAULTS["k"] if spec.k is None else spec.k, None, num_classes, size, True,
-                        class_names(num_classes), {}, explainer)
+                              output=_target(task, k), compile=backend == "compiled", sample_batch=_sample_batch(spec),
+                              **spec.sampling, **spec.occlusion)
+        # A detector's outputs are its top-k detections, and a blank image may have none to probe.
+        num_classes = k if task == "detect" else explainer.num_classes(torch.zeros(1, 3, size, size, device=spec.device))
+        return Pipeline(spec, backend, spec.model, explainer.methods, explainer.layer, k, None, num_classes, size, True,
+                        class_names(num_classes, spec.model, task), {}, explainer, task)
     # An export made now, to a file that lives only until it is loaded: onnxruntime and torch.export hold it all.
     # fastattr wrote it, in a folder of its own, so it is trusted.
     with tempfile.TemporaryDirectory(prefix="fastattr-build-") as folder:
         start = time.perf_counter()
         path = _export(spec, Path(folder) / f"model.{backend}", backend)
         export_s = time.perf_counter() - start
-        pipeline = _from_export_file(replace(spec, model=str(path), weights=None, layer=None, methods=None, k=None,
+        pipeline = _from_export_file(replace(spec, model=str(path), weights=None, task=None, layer=None, methods=None, k=None,
                                              input_size=None, backend=None, with_classes=False, samples=None,
                                              noise=None, steps=None, window=None, stride=None, trusted=True),
                                      option_prefix)
     pipeline.spec, pipeline.description, pipeline.info["export_s"] = spec, spec.model, export_s
+    pipeline.task = task_of(spec)
     return pipeline
 
 

@@ -9,6 +9,7 @@ forward and K-cotangent backward as class logits (the logits are the default tar
 - `multilabel`: sigmoid probabilities of independent labels; `k=Above(0.5)` explains every label above 0.5;
 - `similarity(reference)`: an embedding `[N, D]` -> cosine similarity to each reference embedding `[R, D]`;
 - `boxes(named, labels)`: a detector's per-image boxes -> the score of the predicted box matching each named one;
+- `detections(k)`: a detector's per-image boxes -> the scores of its k highest-scoring detections;
 - any callable `output -> [N, M]` you write.
 
 Accepted `classes=` / `k=` forms, for a batch of N images and a target with `num_classes` (M) outputs:
@@ -227,10 +228,7 @@ def boxes(named: Tensor, labels: Sequence[int] | Tensor, iou: float = 0.5, plus_
     def scores(detections: Any) -> Tensor:
         from torchvision.ops import box_iou
 
-        if not isinstance(detections, (list, tuple)) or not all(
-                isinstance(d, Mapping) and {"boxes", "labels", "scores"} <= d.keys() for d in detections):
-            raise TargetError(f"boxes: expects a detector's output, one dict of boxes, labels and scores per image, "
-                              f"got {type(detections).__name__}")
+        _check_detections(detections, "boxes")
         rows = []
         for i, d in enumerate(detections):
             overlap = box_iou(named.to(d["boxes"]), d["boxes"])            # [M, D]
@@ -247,12 +245,65 @@ def boxes(named: Tensor, labels: Sequence[int] | Tensor, iou: float = 0.5, plus_
             rows.append(torch.stack(row))
         return torch.stack(rows)
 
-    # Read by the exporters: a detector's forward depends on the data (its proposals, NMS, a loop per image and
-    # box), so a trace would hold one image's detections as constants.
-    scores.not_exportable = ("a detection target cannot be exported: the detector's proposals, non-maximum "
-                             "suppression and box matching depend on each image, which a traced graph would fix to "
-                             "the example's; explain detectors with fastattr.Explainer")
+    scores.not_exportable = _NOT_EXPORTABLE
     return scores
+
+
+def detections(k: int) -> Callable[[Any], Tensor]:
+    """Detection target: the scores of each image's `k` highest-scoring detections, `[N, k]` in descending order,
+    for a detector returning one dict of `boxes`, `labels`, `scores` per image: "explain each of the top-k
+    detections" from the one forward that finds them (which boxes they are is a constant of the backward, as the
+    argmax region of `segmentation`). Read the boxes and labels from a plain forward (the same detections).
+
+    >>> explainer = fastattr.Explainer(detector, "backbone.body.layer4", output=fastattr.targets.detections(5))  # doctest: +SKIP
+    >>> out = explainer(image, k=5)             # a map per detection, the first the highest-scoring  # doctest: +SKIP
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise TargetError(f"detections: k must be an int >= 1, got {k!r}")
+
+    def scores(outputs: Any) -> Tensor:
+        _check_detections(outputs, "detections")
+        for i, d in enumerate(outputs):
+            if len(d["scores"]) < k:
+                raise TargetError(f"detections: image {i} has {len(d['scores'])} detections above the detector's score "
+                                  f"threshold, fewer than the {k} asked for; ask for fewer, or lower the detector's "
+                                  "threshold (box_score_thresh or score_thresh in torchvision)")
+        return torch.stack([d["scores"].topk(k).values for d in outputs])
+
+    scores.not_exportable = _NOT_EXPORTABLE
+    return scores
+
+
+def winning_pixels(out: Any, classes: Tensor, key: str = "out") -> Tensor:
+    """`[N, K, H, W]` bool: the pixels whose argmax is each explained class, the region `segmentation()` sums
+    over (for outlines)."""
+    maps = out[key] if isinstance(out, Mapping) else out
+    return maps.argmax(1, keepdim=True) == classes[:, :, None, None].to(maps.device)
+
+
+def top_detections(outputs: Any, k: int) -> list[dict[str, Tensor]]:
+    """Per image, the `k` highest-scoring detections `detections(k)` explains, in its order: boxes `[k, 4]`,
+    labels `[k]`, scores `[k]`."""
+    _check_detections(outputs, "detections")
+    picked = []
+    for d in outputs:
+        order = d["scores"].topk(min(k, len(d["scores"]))).indices
+        picked.append({name: d[name][order] for name in ("boxes", "labels", "scores")})
+    return picked
+
+
+def _check_detections(outputs: Any, name: str) -> None:
+    if not isinstance(outputs, (list, tuple)) or not all(
+            isinstance(d, Mapping) and {"boxes", "labels", "scores"} <= d.keys() for d in outputs):
+        raise TargetError(f"{name}: expects a detector's output, one dict of boxes, labels and scores per image, got "
+                          f"{type(outputs).__name__}")
+
+
+# Read by the exporters: a detector's forward depends on the data (its proposals, NMS, a loop per image and box),
+# so a trace would hold one image's detections as constants.
+_NOT_EXPORTABLE = ("a detection target cannot be exported: the detector's proposals, non-maximum suppression and box "
+                   "matching depend on each image, which a traced graph would fix to the example's; explain detectors "
+                   "with fastattr.Explainer")
 
 
 def _is_index(value: Any) -> bool:

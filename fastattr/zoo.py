@@ -20,7 +20,8 @@ from torch import nn
 
 from .errors import FastattrError
 
-__all__ = ["PRETRAINED", "efficientnet_lite0", "lite0_key_map", "imagenet_classes", "model_names", "check_name", "load_model",
+__all__ = ["PRETRAINED", "TIMM_PREFIX", "efficientnet_lite0", "lite0_key_map", "imagenet_classes", "model_names", "task_of",
+           "categories", "check_name", "load_model",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 PRETRAINED = "efficientnet_lite0"
@@ -86,32 +87,84 @@ def imagenet_classes() -> tuple[str, ...]:
     return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
+TIMM_PREFIX = "timm:"
+
+
+@functools.cache
+def _torchvision_names() -> dict[str, str]:
+    """torchvision's model names -> the task their output serves ("classify", "segment", "detect")."""
+    import torchvision.models as tv
+
+    names = {name: "classify" for name in tv.list_models(module=tv)}
+    names.update({name: "segment" for name in tv.list_models(module=tv.segmentation)})
+    names.update({name: "detect" for name in tv.list_models(module=tv.detection)})
+    return names
+
+
 def model_names() -> list[str]:
-    """Names `load_model` accepts: the pretrained default, then torchvision's classification models."""
+    """Names `load_model` accepts: the pretrained default, then torchvision's classification, segmentation and
+    detection models (and any timm model as "timm:NAME")."""
+    return [PRETRAINED, *_torchvision_names()]
+
+
+def task_of(name: str) -> str:
+    """The task a named model's output serves: "segment" for torchvision's segmentation models, "detect" for its
+    detectors, else "classify"."""
+    return _torchvision_names().get(name, "classify")
+
+
+def categories(name: str, num_classes: int | None = None) -> tuple[str, ...] | None:
+    """The class names of a named torchvision model's first published weights (read from torchvision, no
+    download) when it has `num_classes` outputs (or any number, with None), else None."""
     import torchvision
 
-    return [PRETRAINED, *torchvision.models.list_models(module=torchvision.models)]
+    if name not in _torchvision_names():
+        return None
+    try:
+        names = next(iter(torchvision.models.get_model_weights(name))).meta.get("categories")
+    except (ValueError, StopIteration):
+        return None
+    return tuple(names) if names is not None and num_classes in (None, len(names)) else None
 
 
 def check_name(name: str) -> None:
     """Raise `FastattrError` naming the closest known models unless `load_model` knows `name`."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        if not timm.is_model(name[len(TIMM_PREFIX):]):
+            close = difflib.get_close_matches(name[len(TIMM_PREFIX):], timm.list_models(), n=3)
+            hint = f"; closest: {', '.join(TIMM_PREFIX + c for c in close)}" if close else ""
+            raise FastattrError(f"model: timm has no model {name[len(TIMM_PREFIX):]!r}{hint} (timm.list_models())")
+        return
     if name not in model_names():
         close = difflib.get_close_matches(name, model_names(), n=3)
         hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
-        raise FastattrError(f"model: unknown name {name!r}{hint}; use {PRETRAINED!r} or a torchvision "
-                            "classification model name (torchvision.models.list_models())")
+        raise FastattrError(f"model: unknown name {name!r}{hint}; use {PRETRAINED!r}, a torchvision classification, "
+                            "segmentation or detection model name (torchvision.models.list_models()) or timm:NAME")
 
 
 def load_model(name: str = PRETRAINED, weights: str | Path | None = None) -> nn.Module:
-    """A model by name, in eval mode: "efficientnet_lite0" (pretrained), or a torchvision classification model
-    with random weights or those of a state-dict file (loaded with `weights_only=True`).
+    """A model by name, in eval mode: "efficientnet_lite0" (pretrained), a torchvision classification,
+    segmentation or detection model, or "timm:NAME", with random weights or those of a state-dict file (loaded
+    with `weights_only=True`). Nothing is downloaded: a segmentation model's or detector's backbone starts random
+    too.
 
     >>> model = fastattr.zoo.load_model("resnet50", weights="resnet50.pth")  # doctest: +SKIP
     """
     import torchvision
 
     check_name(name)
-    model = efficientnet_lite0() if name == PRETRAINED else torchvision.models.get_model(name, weights=None)
+    if name == PRETRAINED:
+        model = efficientnet_lite0()
+    elif name.startswith(TIMM_PREFIX):
+        import timm
+
+        model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False)
+    elif task_of(name) == "classify":
+        model = torchvision.models.get_model(name, weights=None)
+    else:  # their default backbone weights would be downloaded
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
     if weights is not None:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)

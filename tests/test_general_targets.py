@@ -213,6 +213,7 @@ def test_above_with_named_classes_is_refused():
 
 # --- compile and export ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("target", ["segmentation", "multilabel"])
 def test_a_compiled_explainer_of_a_target_equals_eager(target):
     net, layer, fn = (segmenter("lraspp_mobilenet_v3_large"), SEGMENTERS["lraspp_mobilenet_v3_large"],
@@ -341,13 +342,34 @@ def top_boxes(net, x, m):
 
 @pytest.mark.filterwarnings("ignore:fastattr. torch.fx cannot trace")
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if "resnet50" in name else [])
-                                  for name in DETECTORS])
+@pytest.mark.slow  # float64 detectors, one eager call per image and box for the reference
+@pytest.mark.parametrize("name", DETECTORS)
 def test_the_score_of_each_named_box_equals_the_article(name, n, k):
     net, x = detector(name), detection_batch(n)
     named, labels = top_boxes(net, x, 3)
     out = assert_equals_the_article(net, DETECTORS[name][0], targets.boxes(named, labels), x, k)
     assert (out.maps["gradcam"].flatten(2).amax(-1) > 0).any()
+
+
+@pytest.mark.filterwarnings("ignore:fastattr. torch.fx cannot trace")
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_top_k_detections_scores_equal_the_article(n):
+    name = "fasterrcnn_mobilenet_v3_large_fpn"
+    assert_equals_the_article(detector(name), DETECTORS[name][0], targets.detections(3), detection_batch(n), 3)
+
+
+def test_detections_are_each_images_k_highest_scores_in_descending_order():
+    out = [{"boxes": torch.zeros(3, 4), "labels": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.25, 0.75, 0.5])}]
+    assert targets.detections(2)(out).tolist() == [[0.75, 0.5]]
+    assert targets.top_detections(out, 2)[0]["labels"].tolist() == [2, 3]
+
+
+def test_an_image_with_fewer_detections_than_k_is_refused():
+    out = [{"boxes": torch.zeros(1, 4), "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}]
+    with pytest.raises(fastattr.TargetError, match=r"detections: image 0 has 1 detections above the detector's score "
+                                                   r"threshold, fewer than the 2 asked for"):
+        targets.detections(2)(out)
 
 
 @pytest.mark.filterwarnings("ignore:fastattr. torch.fx cannot trace")
