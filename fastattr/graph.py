@@ -25,7 +25,7 @@ is slower, cannot be compiled or exported, and is not safe while other threads u
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -82,8 +82,8 @@ def unpassed_defaults(model: nn.Module) -> dict[str, Any] | None:
 
 
 def _selector(output: OutputSelector) -> Callable[[Any], Tensor]:
-    if output is None:
-        return lambda out: out
+    if output is None:  # Hugging Face's classifiers return a ModelOutput, a dict holding "logits"
+        return lambda out: out["logits"] if isinstance(out, Mapping) and "logits" in out else out
     if callable(output):
         return output
     if isinstance(output, (str, int)):

@@ -45,9 +45,20 @@ def layers(model: nn.Module) -> list[str]:
 
 
 def _block_norms(model: nn.Module) -> list[str]:
-    """The first norms (`ln_1` in torchvision, `norm1` in timm and Swin) of the transformer blocks, in order."""
-    return [f"{name}.{child}" if name else child for name, m in model.named_modules() for child in ("ln_1", "norm1")
-            if isinstance(getattr(m, child, None), nn.LayerNorm)]
+    """The first norms (`ln_1` in torchvision, `norm1` in timm and Swin, `layernorm_before` in Hugging Face's ViT,
+    DeiT and Swin) of the transformer blocks, in order."""
+    return [f"{name}.{child}" if name else child for name, m in model.named_modules()
+            for child in ("ln_1", "norm1", "layernorm_before") if isinstance(getattr(m, child, None), nn.LayerNorm)]
+
+
+def _hugging_face_stages(model: nn.Module) -> str | None:
+    """The last stage of a Hugging Face convolutional classifier (ConvNeXt, ResNet: `convnext.encoder.stages.3`),
+    whose base model and encoder return ModelOutputs rather than maps; None for other models."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if not type(model).__module__.startswith("transformers.") or not prefix:
+        return None
+    stages = getattr(getattr(getattr(model, prefix, None), "encoder", None), "stages", None)
+    return f"{prefix}.encoder.stages.{len(stages) - 1}" if isinstance(stages, nn.ModuleList) and len(stages) else None
 
 
 # Modules that keep a feature map's layout: a default layer extends over them, so that the map explained is the one
@@ -67,7 +78,8 @@ def default_layer(model: nn.Module) -> str:
     pretrained default, `fastattr.zoo.efficientnet_lite0`). For torchvision's segmentation models and detectors,
     the last feature map of their backbone's classification network (`backbone.layer4` in DeepLabV3-ResNet50 and
     FCN, `backbone.body.layer4` in Faster R-CNN, RetinaNet and FCOS, `backbone.features.1` in SSDlite), not their
-    heads.
+    heads. For Hugging Face's classifiers, the last block's first norm (`layernorm_before`) or the last stage
+    (`convnext.encoder.stages.3`).
 
     >>> default_layer(torchvision.models.resnet18())   # doctest: +SKIP
     'layer4'
@@ -78,6 +90,8 @@ def default_layer(model: nn.Module) -> str:
     norms = _block_norms(model)
     if norms:
         return norms[-1]
+    if (stage := _hugging_face_stages(model)) is not None:
+        return stage
     children = list(model.named_children())
     for i in reversed(range(len(children))):
         if _has_conv(children[i][1]):

@@ -7,6 +7,9 @@
   rest laid on the patch grid. The grid comes from the model's patch size and the image's size, and the
   prefix count from the model (`num_prefix_tokens` in timm, the class token in torchvision); a token count
   that does not fit raises instead of guessing.
+- Hugging Face's ViT and DeiT read alike (the patch size from the config, the prefix from the embeddings'
+  class and distillation tokens); its Swin's `[N, h*w, C]` tokens lie on the grid of the image's aspect that
+  their count gives, since each stage halves it.
 - anything else, or any model, with `reshape=`: the caller's function `acts -> [N, C, h, w]`.
 
 The same rule lays out the gradients, which carry a K axis after the batch.
@@ -31,6 +34,8 @@ class Layout:
     channels_last: bool             # 4-D activations are [N, h, w, C]
     reshape: Reshape | None         # the caller's own
     image_size: tuple[int, int] | None = None  # the only image size the model takes, when it says so
+    grid_from_count: bool = False   # tokens [N, h*w, C] whose grid, of the image's aspect, the count gives (a
+                                    # hierarchical transformer's stages halve it: Hugging Face's Swin)
 
 
 def layout_of(model: nn.Module, reshape: Reshape | None = None) -> Layout:
@@ -48,8 +53,33 @@ def layout_of(model: nn.Module, reshape: Reshape | None = None) -> Layout:
         if getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_size", False) \
                 and getattr(embed, "img_size", None) is not None:
             image_size = _pair(embed.img_size)
+    elif (hugging_face := _hugging_face(model)) is not None:
+        patch, prefix, image_size, from_count = hugging_face
+        return Layout(patch, prefix, False, reshape, image_size, from_count)
     channels_last = isinstance(model, torchvision.models.SwinTransformer) or getattr(model, "output_fmt", None) == "NHWC"
     return Layout(patch, prefix, channels_last, reshape, image_size)
+
+
+def _hugging_face(model: nn.Module) -> tuple | None:
+    """(patch, prefix, image_size, grid_from_count) of a Hugging Face vision transformer, from its config and
+    embeddings: ViT's class token, DeiT's class and distillation tokens, Swin's stages; else None."""
+    config = getattr(model, "config", None)
+    if not type(model).__module__.startswith("transformers.") or not hasattr(config, "patch_size"):
+        return None
+    if "swin" in getattr(config, "model_type", ""):
+        return None, 0, None, True
+    embeddings = getattr(getattr(model, getattr(model, "base_model_prefix", ""), model), "embeddings", None)
+    if getattr(embeddings, "position_embeddings", None) is None:  # a convolutional model (ConvNeXt): maps, no tokens
+        return None
+    prefix = sum(getattr(embeddings, name, None) is not None for name in ("cls_token", "distillation_token"))
+    return _pair(config.patch_size), prefix, _pair(config.image_size), False
+
+
+def _grid_from_count(count: int, image_size: tuple[int, int]) -> tuple[int, int] | None:
+    """(h, w) with h * w = count and h / w = the image's aspect, or None."""
+    height, width = image_size
+    h = round((count * height / width) ** 0.5)
+    return (h, count // h) if h and h * (count // h) == count and h * width == (count // h) * height else None
 
 
 def _pair(size) -> tuple[int, int]:
@@ -83,6 +113,11 @@ def check(layout: Layout, acts: Tensor, image_size: tuple[int, int], layer: str,
     if acts.ndim != 3:
         raise LayerError(f"layer: {layer!r} of {model_name} gives an activation of shape {shape}, neither a feature "
                          f"map [N, C, h, w] nor tokens [N, tokens, C]{fix}")
+    if layout.grid_from_count:
+        if _grid_from_count(shape[1], image_size) is None:
+            raise LayerError(f"layer: {layer!r} of {model_name} gives {shape[1]} tokens (shape {shape}), which lay on no "
+                             f"grid of the {image_size[0]}x{image_size[1]} image's aspect{fix}")
+        return
     if layout.patch is None:
         raise LayerError(f"layer: {layer!r} of {model_name} gives a 3-D activation {shape}; as tokens [N, tokens, C] "
                          f"it needs the model's patch size, which fastattr reads from torchvision's and timm's ViTs "
@@ -105,6 +140,8 @@ def to_grid(layout: Layout, t: Tensor, acts_ndim: int, image_size: tuple[int, in
     if layout.reshape is not None:
         lead = t.shape[:t.ndim - acts_ndim + 1]
         return layout.reshape(t.flatten(0, t.ndim - acts_ndim)).unflatten(0, lead)
+    if acts_ndim == 3 and layout.grid_from_count:
+        return t.unflatten(-2, _grid_from_count(t.shape[-2], image_size)).movedim(-1, -3)
     if acts_ndim == 3:
         h, w = image_size[0] // layout.patch[0], image_size[1] // layout.patch[1]
         return t[..., layout.prefix:, :].unflatten(-2, (h, w)).movedim(-1, -3)

@@ -89,16 +89,16 @@ def test_unknown_method_lists_the_valid_names():
 
 
 class TupleNet(nn.Module):
-    def __init__(self, as_dict=False):
+    def __init__(self, as_dict=False, key="scores"):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.fc = nn.Linear(4, 5)
-        self.as_dict = as_dict
+        self.as_dict, self.key = as_dict, key
 
     def forward(self, x):
         features = self.conv(x)
         logits = self.fc(features.mean((2, 3)))
-        return {"logits": logits, "features": features} if self.as_dict else (logits, features)
+        return {self.key: logits, "features": features} if self.as_dict else (logits, features)
 
 
 def test_a_model_returning_a_tuple_needs_output_to_pick_the_logits():
@@ -108,15 +108,22 @@ def test_a_model_returning_a_tuple_needs_output_to_pick_the_logits():
 
 
 def test_a_model_returning_a_dict_is_told_its_keys():
-    with pytest.raises(fastattr.ModelOutputError, match=r"returns a dict with keys \['logits', 'features'\].*output='logits'"):
+    with pytest.raises(fastattr.ModelOutputError, match=r"returns a dict with keys \['scores', 'features'\].*output='scores'"):
         fastattr.explain(TupleNet(as_dict=True).eval(), images(1), layer="conv")
 
 
-@pytest.mark.parametrize("as_dict,output", [(False, 0), (True, "logits"), (False, lambda out: out[0])])
+def test_a_dict_holding_logits_is_read_by_that_key_as_hugging_faces_model_outputs_are():
+    net = TupleNet(as_dict=True, key="logits").eval()
+    out = fastattr.explain(net, images(2), layer="conv", k=2)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, net(images(2))["logits"])
+
+
+@pytest.mark.parametrize("as_dict,output", [(False, 0), (True, "scores"), (False, lambda out: out[0])])
 def test_output_picks_the_logits_from_a_tuple_or_dict(as_dict, output):
     net = TupleNet(as_dict).eval()
     out = fastattr.explain(net, images(2), layer="conv", methods=("gradcam", "saliency"), output=output, k=2)
     with torch.no_grad():
         expected = net(images(2))
-    torch.testing.assert_close(out.logits, expected["logits"] if as_dict else expected[0])
+    torch.testing.assert_close(out.logits, expected["scores"] if as_dict else expected[0])
     assert out.maps["gradcam"].shape == (2, 2, 64, 64)

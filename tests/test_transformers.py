@@ -57,7 +57,9 @@ def images(n: int, size: int = SIZE, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(n, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(n))
 
 
-def by_hand(acts: torch.Tensor, prefix: int | None, side: int) -> torch.Tensor:
+def by_hand(acts: torch.Tensor, prefix: int | str | None, side: int) -> torch.Tensor:
+    if prefix == "map":                                  # a feature map [N, C, h, w]
+        return acts
     if prefix is None:                                   # Swin: [N, h, w, C]
         return acts.permute(0, 3, 1, 2)
     n, _, c = acts.shape                                 # ViT: [N, prefix + h*w, C]
@@ -73,6 +75,7 @@ def hooked_gradcam(net: nn.Module, layer: str, x: torch.Tensor, classes: torch.T
         for j in range(classes.shape[1]):
             seen.clear()
             logits = net(x)
+            logits = logits["logits"] if isinstance(logits, dict) else logits  # Hugging Face's ModelOutput
             (grad,) = torch.autograd.grad(logits.gather(1, classes[:, j:j + 1]).sum(), seen[0])
             acts, grad = by_hand(seen[0].detach(), prefix, side), by_hand(grad, prefix, side)
             maps.append((grad.mean((2, 3), keepdim=True) * acts).sum(1).relu())
@@ -194,3 +197,47 @@ def test_an_onnx_vit_equals_eager_for_batch_1_and_3(name, methods, tmp_path):
     for n in (1, 3):
         x = images(n, size=32, dtype=torch.float32)
         assert_same_explanation(explainer(x), eager(x, k=2))
+
+
+# --- Hugging Face transformers: random weights built from a config (no download) ------------------------------------
+# name -> (default layer, prefix tokens ("map": a feature map), grid side). Two blocks or stages each, 64x64.
+
+def _hugging_face(name: str) -> nn.Module:
+    tf = pytest.importorskip("transformers")
+    small = dict(image_size=SIZE, patch_size=16, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128, num_labels=10)
+    if name == "hf-vit":
+        return tf.ViTForImageClassification(tf.ViTConfig(**small))
+    if name == "hf-deit":
+        return tf.DeiTForImageClassification(tf.DeiTConfig(**small))
+    if name == "hf-swin":
+        return tf.SwinForImageClassification(tf.SwinConfig(image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                           num_heads=[1, 2], window_size=4, num_labels=10))
+    return tf.ConvNextForImageClassification(tf.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                                               num_labels=10))
+
+
+HUGGING_FACE = {"hf-vit": ("vit.layers.1.layernorm_before", 1, 4), "hf-deit": ("deit.layers.1.layernorm_before", 2, 4),
+                "hf-swin": ("swin.encoder.layers.1.blocks.0.layernorm_before", 0, 8),
+                "hf-convnext": ("convnext.encoder.stages.3", "map", 2)}
+
+
+@functools.cache
+def hugging_face(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return _hugging_face(name).double().eval()
+
+
+@pytest.mark.filterwarnings("ignore:fastattr. torch.fx cannot trace")
+@pytest.mark.parametrize("n,k", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("name", list(HUGGING_FACE))
+def test_a_hugging_face_classifier_explains_its_logits_at_its_default_layer_as_the_article(name, n, k):
+    net, x = hugging_face(name), images(n)
+    layer, prefix, side = HUGGING_FACE[name]
+    assert fastattr.default_layer(net) == layer
+    out = fastattr.explain(net, x, methods="gradcam", k=k, upsample=False, normalize=False)
+    assert out.maps["gradcam"].shape == (n, k, side, side)
+    want = hooked_gradcam(net, layer, x, out.classes, prefix, side)
+    assert want.amax() > 0
+    torch.testing.assert_close(out.logits, net(x).logits)
+    torch.testing.assert_close(out.maps["gradcam"], want, rtol=0, atol=1e-10)
