@@ -243,7 +243,7 @@ class Explainer:
             if classes is not None:
                 raise TargetError("classes and k: got both (k=Above); pass classes= to name them or k=Above(t) to "
                                   "take those above t, not both")
-            classes, real = _targets.passing(self._scores(images), k.threshold)
+            classes, real = _targets.passing(self._scores(images), k.threshold, k.at_most)
             k = None
         else:
             real = None

@@ -152,6 +152,9 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                     values = line.get("probabilities", line.get("scores"))
                     sign = "p" if "probabilities" in line else "s"
                     captions = [f"{name}  {sign}={v:.2f}" for name, v in zip(line["names"], values)]
+                    if out.real is not None:  # a threshold: the rows that pad this image to the batch's K
+                        line["real"] = out.real[i].tolist()
+                        captions = [c if real else f"{c} (below)" for c, real in zip(captions, line["real"])]
                     maps = {method: m[i].clamp(0, 1) for method, m in out.maps.items()}
                     shapes = None if drawn is None else [r.get("mask", r.get("box")) for r in drawn[i]]
                     pictures = [(png, overlay.grid(display[i], maps, captions, title=_printable(path.name),

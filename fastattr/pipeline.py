@@ -136,6 +136,9 @@ class Spec:
         "segment (class maps: each class's score summed over the pixels it wins), detect (a torchvision detector: "
         "the scores of its top-k detections; eager backend only) (default: segment for torchvision's segmentation "
         "models, detect for its detectors, else classify)"))
+    threshold: float | None = _option(None, float, metavar="SCORE", help=(
+        "explain every class whose score (multilabel: probability) exceeds this, at most k per image, instead of "
+        "the top-k; rows below it pad a batch and are marked (eager and compiled backends)"))
 
     def __post_init__(self):
         object.__setattr__(self, "model", str(self.model))
@@ -212,6 +215,8 @@ class Pipeline:
             classes = classes.to(device) if isinstance(classes, Tensor) else classes
             if classes is not None:
                 return self._explain(images.to(device), classes=classes)
+            if self.spec.threshold is not None:  # the classes above it, at most k per image
+                return self._explain(images.to(device), k=targets.Above(self.spec.threshold, self.k if k is None else k))
             return self._explain(images.to(device), k=self.k if k is None else k)
         if k is not None and k != self.fixed_k:
             raise InputError(f"k {k}: {self.description} was exported for k={self.fixed_k}; use k={self.fixed_k}, "
@@ -302,6 +307,10 @@ def check(spec: Spec, option_prefix: str = "") -> None:
         raise InputError(f"{option_prefix}methods: {', '.join(perturbed)} compile the forward of each chunk of "
                          f"perturbed copies, the others one graph; with {option_prefix}backend compiled explain them "
                          "in separate runs, or use the eager backend")
+    if spec.threshold is not None and backend not in ("eager", "compiled"):
+        raise InputError(f"{option_prefix}threshold: an export explains a fixed k per image, and the backend is "
+                         f"{backend}; use {option_prefix}backend eager or compiled with a model name, or drop "
+                         f"{option_prefix}threshold")
     if spec.export_file is not None and spec.task is not None:
         raise InputError(f"{option_prefix}task: {spec.model!r} is an export, whose graph holds its task; drop "
                          f"{option_prefix}task or pass a model name")

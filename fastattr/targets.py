@@ -108,17 +108,23 @@ class Above:
     """
 
     threshold: float
+    at_most: int | None = None  # the most classes per image (the highest), None for all above the threshold
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not torch.isfinite(torch.tensor(float(self.threshold))):
             raise TargetError(f"k=Above(threshold): the threshold must be a finite number, got {self.threshold!r}")
+        if self.at_most is not None and (isinstance(self.at_most, bool) or not isinstance(self.at_most, int)
+                                         or self.at_most < 1):
+            raise TargetError(f"k=Above(threshold, at_most): at_most must be an int >= 1 or None, got {self.at_most!r}")
 
 
-def passing(scores: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """`(classes [N, K], real [N, K])` for `k=Above(threshold)`: each image's outputs in descending order of score,
-    K the most any image has above `threshold` (at least 1), `real` True where the score exceeds it."""
+def passing(scores: Tensor, threshold: float, at_most: int | None = None) -> tuple[Tensor, Tensor]:
+    """`(classes [N, K], real [N, K])` for `k=Above(threshold, at_most)`: each image's outputs in descending order
+    of score, K the most any image has above `threshold` (at least 1, at most `at_most`), `real` True where the
+    score exceeds it."""
     k = max(1, int((scores > threshold).sum(1).max()))
+    k = k if at_most is None else min(k, at_most)
     top = scores.topk(k, dim=1)
     return top.indices, top.values > threshold
 

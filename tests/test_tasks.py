@@ -170,3 +170,31 @@ def test_a_mask_is_outlined_on_every_tile_of_its_row():
 def test_regions_must_match_the_rows():
     with pytest.raises(fastattr.InputError, match=r"regions must hold one mask, box or None per caption \(1\), got 2"):
         overlay.grid(torch.zeros(3, 8, 8), {}, ["c"], regions=[None, None])
+
+
+# --- --threshold: every class above it, at most k ------------------------------------------------------------------
+
+def test_above_at_most_keeps_the_highest_classes_over_the_threshold():
+    classes, real = targets.passing(torch.tensor([[0.9, 0.8, 0.7, 0.1]]), 0.5, at_most=2)
+    assert classes.tolist() == [[0, 1]] and real.tolist() == [[True, True]]
+
+
+def test_explain_with_a_threshold_marks_the_rows_below_it(tmp_path, weights):
+    _, lines = explained(tmp_path, "--model", "resnet18", "--weights", weights("resnet18"), "--task", "multilabel",
+                         "--threshold", 0.5, "--input-size", SIZE, "--k", 3)
+    pipeline = build(Spec("resnet18", weights("resnet18"), task="multilabel", input_size=SIZE, k=3))
+    with torch.no_grad():
+        probabilities = pipeline.model(batch()).sigmoid()
+    above = (probabilities > 0.5).sum(1)
+    width = int(above.clamp(1, 3).max())  # the batch's K: the most classes above 0.5 of any image, at most 3
+    for i, line in enumerate(lines):
+        top = probabilities[i].topk(width)
+        assert line["classes"] == top.indices.tolist()
+        assert line["real"] == (top.values > 0.5).tolist()
+
+
+def test_a_threshold_with_an_export_backend_is_refused(capsys):
+    code = cli.main(["explain", str(PHOTOS[0]), "-o", "/tmp/never-written", "--model", "resnet18", "--backend", "onnx",
+                     "--threshold", "0.5"])
+    assert code == 2
+    assert "--threshold: an export explains a fixed k per image, and the backend is onnx" in capsys.readouterr().err
