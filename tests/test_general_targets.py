@@ -94,7 +94,7 @@ def test_multilabel_probabilities_equal_the_article(name, n, k):
 def embedder(name, dtype=torch.float64):
     """A copy of `name` with its classifier replaced by the identity: an embedding model `[N, D]`."""
     net = copy.deepcopy(model(name, dtype))
-    if name == "resnet18":
+    if "resnet18" in name:
         return nn.Sequential(*list(net.children())[:-1], nn.Flatten()).eval()
     return nn.Sequential(net.features, net.avgpool, nn.Flatten()).eval()
 
@@ -213,12 +213,38 @@ def test_above_with_named_classes_is_refused():
 
 # --- compile and export ---------------------------------------------------------------------------------------
 
+def traceable_target(kind, dtype=torch.float32):
+    """(model, layer, target, the target's formula written out here) of each traceable target kind, on small
+    models. The formulas are plain tensor code that torch.fx traces when a model wraps them."""
+    if kind == "segmentation":
+        def formula(out):
+            maps = out["out"]
+            wins = torch.nn.functional.one_hot(maps.argmax(1), maps.shape[1]).movedim(-1, 1).to(maps.dtype)
+            return (maps * wins).sum((2, 3))
+        return mini_fcn().to(dtype), "backbone.layer3", targets.segmentation(), formula
+    if kind == "multilabel":
+        return model("mini-resnet18", dtype), "layer3", targets.multilabel, torch.sigmoid
+    if kind == "similarity":
+        net = embedder("mini-resnet18", dtype)
+        with torch.no_grad():
+            concepts = net(images(3, dtype, seed=9))
+
+        def cosine(e):
+            return (e @ concepts.T) / (e.norm(dim=1, keepdim=True) * concepts.norm(dim=1)).clamp_min(1e-8)
+        return net, "6", targets.similarity(concepts), cosine
+
+    def log_odds(logits):
+        return logits[:, 1:] - logits[:, :1]
+    return model("mini-resnet18", dtype), "layer3", log_odds, log_odds
+
+
+TRACEABLE = ["segmentation", "multilabel", "similarity", "callable"]
+
+
 @pytest.mark.slow  # torch.compile
-@pytest.mark.parametrize("target", ["segmentation", "multilabel"])
+@pytest.mark.parametrize("target", TRACEABLE)
 def test_a_compiled_explainer_of_a_target_equals_eager(target):
-    net, layer, fn = (segmenter("lraspp_mobilenet_v3_large"), SEGMENTERS["lraspp_mobilenet_v3_large"],
-                      targets.segmentation()) if target == "segmentation" else (model("resnet18"), "layer3",
-                                                                                 targets.multilabel)
+    net, layer, fn, _ = traceable_target(target)
     options = dict(layer=layer, methods=("gradcam", "saliency"), output=fn)
     x = images(2)
     compiled = fastattr.Explainer(net, compile={"backend": "eager"}, **options)(x, k=3)
@@ -226,6 +252,22 @@ def test_a_compiled_explainer_of_a_target_equals_eager(target):
     assert torch.equal(compiled.classes, eager.classes)
     for name in eager.maps:
         torch.testing.assert_close(compiled.maps[name], eager.maps[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", [pytest.param(t, marks=[] if t == "multilabel" else [pytest.mark.slow])
+                                    for t in TRACEABLE])  # every method: the perturbation passes make it long
+def test_every_method_explains_a_target_as_it_explains_a_model_whose_logits_are_the_targets_scores(target):
+    # A target composes into the head: every method — gradient, sampled, guided, perturbation — reads the K scores
+    # as it reads K logits, so it must equal the same method on the model wrapped to return the target's formula
+    # (written out in traceable_target), whose own logit path the article's parity tests hold.
+    net, layer, fn, formula = traceable_target(target, torch.float64)
+    x = images(2, torch.float64)
+    options = dict(methods=tuple(fastattr.METHODS), samples=2, steps=2, window=32, stride=32, upsample=False)
+    got = fastattr.Explainer(net, layer, output=fn, **options)(x, k=2)
+    want = fastattr.Explainer(Scored(net, formula).eval(), "net." + layer, **options)(x, classes=got.classes)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-10)
+    for method in fastattr.METHODS:
+        torch.testing.assert_close(got.maps[method], want.maps[method], rtol=0, atol=1e-8, msg=method)
 
 
 # --- pytorch-grad-cam's targets ---------------------------------------------------------------------------------
