@@ -4,7 +4,7 @@ into flags by `fastattr.options`).
 
     fastattr explain IMAGE_OR_FOLDER... -o OUTDIR [MODEL OPTIONS] [--batch-size B] [--ray [--address A] [--workers N]]
     fastattr layers MODEL
-    fastattr export --model NAME [MODEL OPTIONS] [--with-classes] [--format onnx|pt2|aoti] -o FILE
+    fastattr export --model NAME [MODEL OPTIONS] [--with-classes] [--format onnx|pt2|aoti|triton] -o FILE
     fastattr bench [MODEL OPTIONS] [--backend ...|inference] [--batch-sizes 1,16] [--iters 20] [--json FILE]
     fastattr serve [MODEL OPTIONS] [--max-k 5] [--max-batch-size 16] [--port 8000]
 
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ex = commands.add_parser("export", help="write the attribution graph as ONNX or a torch.export program")
     add_spec_arguments(ex, model_required=True, exclude=("backend", "compile", "onnx", "device", "sample_batch", "trusted",
                                                               "window", "stride"))
-    ex.add_argument("--format", choices=("onnx", "pt2", "aoti"), default="onnx")
+    ex.add_argument("--format", choices=("onnx", "pt2", "aoti", "triton"), default="onnx",
+                    help="onnx (default), pt2, aoti, or triton: a Triton model repository at -o (the ONNX file and "
+                         "its config.pbtxt)")
     ex.add_argument("-o", "--output", type=Path, required=True)
     ex.set_defaults(run=export)
 

@@ -356,7 +356,8 @@ def check_trusted(spec: Spec, option_prefix: str = "") -> None:
 
 
 def export(spec: Spec, path: str | Path, fmt: str = "onnx", option_prefix: str = "") -> Path:
-    """Export the named model of `spec` to `path` as `fmt` ("onnx", "pt2" or "aoti"), with the spec's layer,
+    """Export the named model of `spec` to `path` as `fmt` ("onnx", "pt2", "aoti", or "triton": a Triton model
+    repository at `path` holding the ONNX export and its `config.pbtxt`, `fastattr.triton`), with the spec's layer,
     methods, k, input size, class input and sampling options (the defaults where not given). ONNX is traced on
     the CPU (onnxruntime chooses its own device); a program on the spec's device, where it will run.
 
@@ -371,11 +372,17 @@ def export(spec: Spec, path: str | Path, fmt: str = "onnx", option_prefix: str =
 
 def _export(spec: Spec, path: str | Path, fmt: str) -> Path:
     # Unchecked, as `_load`.
-    model = _load(replace(spec, device="cpu") if fmt == "onnx" else spec)
+    model = _load(replace(spec, device="cpu") if fmt in ("onnx", "triton") else spec)
     size = spec.input_size or DEFAULTS["input_size"]
     k = DEFAULTS["k"] if spec.k is None else spec.k
     options = dict(layer=spec.layer, methods=spec.methods or DEFAULTS["methods"], k=k, input_shape=(3, size, size),
                    with_classes=spec.with_classes, output=_target(task_of(spec), k), **spec.sampling)
+    if fmt == "triton":
+        from .triton import write_repository
+
+        with tempfile.TemporaryDirectory(prefix="fastattr-triton-") as folder:
+            onnx_file = export_onnx(model, Path(folder) / "model.onnx", **options)
+            return write_repository(onnx_file, path)
     if fmt == "onnx":
         return export_onnx(model, path, **options)
     return export_program(model, path, aoti=fmt == "aoti", **options)

@@ -197,6 +197,103 @@ def test_get_root_reports_the_settings_and_other_paths_are_404(url):
     assert requests.get(f"{url}/explain", timeout=60).status_code == 405
 
 
+# --- the Open Inference Protocol (V2) on the same app --------------------------------------------------------------
+
+def triton(url):
+    http = pytest.importorskip("tritonclient.http")
+    return http, http.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+
+
+def encoded_images(*names):
+    http = pytest.importorskip("tritonclient.http")
+    images_input = http.InferInput("images", [len(names)], "BYTES")
+    images_input.set_data_from_numpy(np.array([photo(n) for n in names], dtype=object))  # binary tensor extension
+    return images_input
+
+
+@pytest.mark.slow  # a live server
+def test_v2_health_and_metadata_answer_tritonclient(url):
+    _, client = triton(url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("fastattr")
+    meta = client.get_model_metadata("fastattr")
+    assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
+        ("images", "BYTES", [-1]), ("images", "FP32", [-1, 3, SIZE, SIZE])]
+    assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [
+        ("logits", "FP32"), ("classes", "INT64"), ("gradcam", "FP32"), ("saliency", "FP32")]
+    assert requests.get(f"{url}/v2/models/resnet", timeout=60).status_code == 404
+
+
+@pytest.mark.slow  # a live server
+def test_v2_infer_of_encoded_images_equals_direct_calls(url, direct):
+    _, client = triton(url)
+    result = client.infer("fastattr", [encoded_images("chelsea.png", "coffee.png")], parameters={"k": 2})
+    for i, name in enumerate(("chelsea.png", "coffee.png")):
+        want = direct(name, k=2)
+        np.testing.assert_allclose(result.as_numpy("logits")[i], want.logits[0].numpy(), rtol=0, atol=1e-5)
+        assert result.as_numpy("classes")[i].tolist() == want.classes[0].tolist()
+        for method in ("gradcam", "saliency"):
+            assert result.as_numpy(method).shape == (2, 2, SIZE, SIZE)
+            assert np.abs(result.as_numpy(method)[i] - want.maps[method][0].numpy()).max() <= 1e-5
+
+
+@pytest.mark.slow  # a live server
+def test_v2_infer_of_normalised_fp32_images_in_json_equals_direct_calls_for_named_classes(url, direct):
+    http, client = triton(url)
+    x = images.normalize(images.read(EXAMPLES / "coffee.png", SIZE)[None]).numpy()
+    images_input = http.InferInput("images", list(x.shape), "FP32")
+    images_input.set_data_from_numpy(x, binary_data=False)
+    outputs = [http.InferRequestedOutput(name, binary_data=False) for name in ("classes", "gradcam")]
+    result = client.infer("fastattr", [images_input], outputs=outputs,
+                          parameters={"classes": "7,300", "methods": "gradcam"})
+    want = direct("coffee.png", classes=[7, 300])
+    assert result.as_numpy("classes").tolist() == [[7, 300]]
+    assert result.as_numpy("logits") is None and result.as_numpy("saliency") is None  # only the outputs asked for
+    assert np.abs(result.as_numpy("gradcam")[0] - want.maps["gradcam"][0].numpy()).max() <= 1e-5
+
+
+@pytest.mark.slow  # a live server
+def test_v2_bad_requests_get_a_4xx_in_the_protocols_error_form_and_do_not_disturb_their_batch(url, direct):
+    import json
+
+    def infer(header, binary=b""):
+        body = json.dumps(header).encode()
+        headers = {"Inference-Header-Content-Length": str(len(body))} if binary else {}
+        return requests.post(f"{url}/v2/models/fastattr/infer", data=body + binary, headers=headers, timeout=120)
+
+    def b64(name):
+        return base64.b64encode(photo(name)).decode()
+
+    def files(*blobs):  # BYTES in the binary tensor extension: a 4-byte little-endian length, then the bytes
+        return b"".join(len(b).to_bytes(4, "little") + b for b in blobs)
+
+    one = {"name": "images", "datatype": "BYTES", "shape": [1]}
+    good = {"inputs": [{**one, "data": [b64("coffee.png")]}], "parameters": {"k": 2}}
+    bad = [  # (request, binary, status, words the error must hold)
+        ({"inputs": [{**one, "datatype": "INT32", "data": [1]}]}, b"", 400, ["datatype 'INT32'", "BYTES", "FP32"]),
+        ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}, b"",
+         400, [f"[N, 3, {SIZE}, {SIZE}]", "[1, 3, 32, 32]"]),
+        ({"inputs": [{**one, "data": [base64.b64encode(b"not an image").decode()]}]}, b"", 400, ["not a readable image"]),
+        ({"inputs": [{**one, "parameters": {"binary_data_size": 16}}]}, files(b"not an image"), 400,
+         ["not a readable image"]),
+        ({"inputs": [{**one, "data": [b64("chelsea.png")]}], "parameters": {"k": 9}}, b"", 400, ["k: 9", "1..5"]),
+        ({"inputs": [{**one, "data": [b64("chelsea.png")]}], "parameters": {"methods": "gradcm"}}, b"", 400,
+         ["'gradcm'"]),
+        ({"inputs": [{**one, "data": [b64("astronaut.png")]}]}, b"", 413, ["max_bytes"]),
+        (good, b"", 200, []),
+        ({"inputs": [{**one, "shape": [2], "data": [b64("chelsea.png")]}]}, b"", 400, ["says 2 images, got 1"]),
+        ({"inputs": [{**one, "name": "image", "data": [b64("chelsea.png")]}]}, b"", 400, ["name it 'images'"]),
+    ]
+    answers = concurrently([lambda b=b: infer(b[0], b[1]) for b in bad])
+    for (_, _, status, words), response in zip(bad, answers):
+        assert response.status_code == status, response.text
+        if status != 200:
+            message = response.json()["error"]
+            assert all(w in message for w in words), message
+    served = {o["name"]: o for o in answers[7].json()["outputs"]}
+    assert served["classes"]["data"] == direct("coffee.png", k=2).classes[0].tolist()
+    assert requests.post(f"{url}/v2/models/fastattr/infer", data=b"{", timeout=60).status_code == 400
+
+
 def test_add_arguments_parses_the_serve_options():
     parser = argparse.ArgumentParser()
     fserve.add_arguments(parser)

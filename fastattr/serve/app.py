@@ -23,7 +23,8 @@ from ..pipeline import Pipeline, build, check_trusted
 from ..errors import FastattrError, InputError
 from ..options import convert, spec_from_args, spec_options
 from .batching import Answer, Query, answer_batch
-from .http import RequestError, load_image, parse_query, read_request, to_json
+from . import v2
+from .http import RequestError, load_image, parse_query, read_body, read_request, to_json
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -108,6 +109,8 @@ class ExplainService:
             path = request.scope["path"].removeprefix(request.scope.get("root_path", "")).rstrip("/")
             if path == "" and request.method in ("GET", "HEAD"):
                 return JSONResponse(self.settings)
+            if path == "/v2" or path.startswith("/v2/"):
+                return await self._v2(request, path)
             if path != "/explain":
                 raise RequestError(404, f"no endpoint {request.scope['path']!r}; POST an image to /explain, or GET "
                                         "/ for the server's settings")
@@ -122,6 +125,37 @@ class ExplainService:
         except RequestError as exc:
             headers = {"Allow": "POST"} if exc.status == 405 else None
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+    async def _v2(self, request: Request, path: str):
+        """The Open Inference Protocol's paths (`fastattr.serve.v2`): health, metadata and infer."""
+        from starlette.responses import JSONResponse, Response
+
+        model = f"/v2/models/{v2.MODEL}"
+        reads = {"/v2": lambda: v2.server_metadata(), "/v2/health/live": lambda: {"live": True},
+                 "/v2/health/ready": lambda: {"ready": True}, model: lambda: v2.metadata(self.pipeline, self.max_k),
+                 f"{model}/versions/{v2.VERSION}": lambda: v2.metadata(self.pipeline, self.max_k),
+                 f"{model}/ready": lambda: {"name": v2.MODEL, "ready": True}}
+        if path in reads:
+            if request.method not in ("GET", "HEAD"):
+                raise RequestError(405, f"{path} takes GET, not {request.method}")
+            return JSONResponse(reads[path]())
+        if path not in (f"{model}/infer", f"{model}/versions/{v2.VERSION}/infer"):
+            raise RequestError(404, f"no endpoint {path!r}; this server's model is {v2.MODEL!r}: GET {model} for its "
+                                    f"metadata, POST {model}/infer")
+        if request.method != "POST":
+            raise RequestError(405, f"{path} takes POST, not {request.method}")
+        body = await read_body(request, self.max_bytes + V2_OVERHEAD, self.max_bytes)
+        header, binary = v2.split_body(body, request.headers.get(v2.HEADER.lower()))
+        infer = await asyncio.to_thread(v2.parse_infer, header, binary, self.pipeline, self.max_k, self.max_bytes,
+                                        self.max_pixels)
+        answers = await asyncio.gather(*(self.explain_batch(item) for item in infer.items))
+        content, headers = v2.encode_outputs(infer, v2.stacked(answers, infer.items[0][1].methods))
+        return Response(content, headers=headers)
+
+
+# Bytes an infer request may hold beyond max_bytes of image data: its JSON header and the elements' lengths.
+V2_OVERHEAD = 64 * 1024
 
 
 def _shown_model(pipeline: Pipeline) -> str:

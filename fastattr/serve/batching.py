@@ -28,6 +28,7 @@ class Query:
     classes: tuple[int, ...] | None
     methods: tuple[str, ...]
     maps: str
+    normalized: bool = False  # the image is normalised as the model expects (V2's FP32 input), not in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,15 @@ class Answer:
 
 
 def answer_batch(pipeline: Pipeline, items: Sequence[tuple[Tensor, Query]], fixed_k: int | None = None) -> list[Answer]:
-    """Explain a batch of checked requests (display image `[3, S, S]` in [0, 1], Query) in at most two passes,
+    """Explain a batch of checked requests (display image `[3, S, S]` in [0, 1], or a normalised one where the
+    query says so; Query) in at most two passes,
     each at `fixed_k` classes when given (an export's k, or a compiled server's max_k), else the largest asked.
 
     >>> top3, dog = Query(3, None, ("gradcam",), "png"), Query(1, (207,), ("gradcam",), "png")   # doctest: +SKIP
     >>> [a.classes.tolist() for a in answer_batch(pipeline, [(cat, top3), (cat, dog)])]   # doctest: +SKIP
     [[281, 285, 282], [207]]
     """
-    images = _images.normalize(torch.stack([image for image, _ in items]))
+    images = torch.stack([image if query.normalized else _images.normalize(image[None])[0] for image, query in items])
     answers: list[Answer | None] = [None] * len(items)
     for named in (False, True):
         rows = [i for i, (_, query) in enumerate(items) if (query.classes is not None) == named]

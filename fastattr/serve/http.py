@@ -22,7 +22,7 @@ from .batching import Answer, Query
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-__all__ = ["RequestError", "Query", "parse_query", "load_image", "read_request", "to_json", "MAP_FORMATS", "PARAMS"]
+__all__ = ["RequestError", "Query", "parse_query", "load_image", "read_request", "read_body", "to_json", "MAP_FORMATS", "PARAMS"]
 
 MAP_FORMATS = ("png", "array", "none")
 PARAMS = ("k", "classes", "methods", "maps")
@@ -129,7 +129,8 @@ def _too_many_bytes(n: int, max_bytes: int) -> str:
             "(resize or recompress it) or start the server with a larger --max-bytes")
 
 
-async def _read_body(request: Request, limit: int, max_bytes: int) -> bytes:
+async def read_body(request: Request, limit: int, max_bytes: int) -> bytes:
+    """The body of a request, refused with 413 past `limit` bytes (the message names `max_bytes`)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise RequestError(413, _too_many_bytes(int(length), max_bytes))
@@ -149,8 +150,8 @@ async def read_request(request: Request, max_bytes: int) -> tuple[bytes, dict[st
 
     params = dict(request.query_params)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return await _read_body(request, max_bytes, max_bytes), params
-    body = await _read_body(request, max_bytes + FORM_OVERHEAD, max_bytes)
+        return await read_body(request, max_bytes, max_bytes), params
+    body = await read_body(request, max_bytes + FORM_OVERHEAD, max_bytes)
 
     async def replay() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
