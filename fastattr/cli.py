@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from . import zoo
-from .pipeline import DEFAULTS, Spec, build, export as export_spec, load_model
+from .pipeline import DEFAULTS, Spec, build, export as export_spec, load_model, task_of
 from .errors import FastattrError, InputError
 from .layers import default_layer, layers
 from .options import add_spec_arguments, spec_from_args, usage_error
@@ -56,6 +56,9 @@ def explain(args: argparse.Namespace) -> int:
         return _explain_on_ray(args, found)
     spec, score = spec_from_args(args), None
     if args.metrics is not None:
+        if task_of(spec) != "classify":
+            raise InputError(f"--metrics: the faithfulness metrics score a classifier's logits, and the task is "
+                             f"{task_of(spec)}; drop --metrics or --task")
         if spec.export_file is not None or (spec.backend or "eager") not in ("eager", "compiled"):
             raise InputError(f"--metrics: scoring perturbed images needs the torch model, and {spec.model} runs on "
                              f"the {spec.backend or spec.export_file.suffix[1:]} backend; use a model name with "
@@ -66,7 +69,8 @@ def explain(args: argparse.Namespace) -> int:
                                                        out.maps, out.classes, names, steps=args.metric_steps)
     report = files.explain_files(found, pipeline, args.output, size=pipeline.input_size,
                                  batch_size=args.batch_size, class_names=pipeline.names, progress=not args.no_progress,
-                                 score=score, task=pipeline.task, regions=pipeline.regions)
+                                 score=score, task=pipeline.task, regions=pipeline.regions, mean=pipeline.mean,
+                                 std=pipeline.std)
     print(f"wrote {len(report.written)} images and {report.results} to {args.output}")
     if passed_over:
         print(f"passed over {len(passed_over)} files without an image suffix in the folders given: "

@@ -27,13 +27,14 @@ def compile_fullgraph(fn: Callable, *, device: torch.device | None = None, mode:
 
 
 def compile_forward(fn: Callable, *, device: torch.device | None = None, mode: str | None = None,
-                    dynamic: bool = False, backend: str = "inductor", options: dict | None = None) -> Callable:
+                    dynamic: bool | None = None, backend: str = "inductor", options: dict | None = None) -> Callable:
     """`torch.compile(fn, fullgraph=True)` for a forward of perturbed copies (the model, or its head above the
     layer), which the perturbation passes call once per chunk. Unlike the attribution there is no K to keep
-    static: torch.compile's automatic dynamic shapes let the chunks' size and the smaller last chunk (and other
-    batch sizes) share a second, batch-symbolic graph. The options are those of `compile_fullgraph`."""
-    chosen = _checked(device, mode, dynamic, options)
-    return torch.compile(_with_own_code(fn), fullgraph=True, backend=backend, **chosen)
+    static: torch.compile's automatic dynamic shapes (`dynamic=None`) let the chunks' size and the smaller last
+    chunk (and other batch sizes) share a second, batch-symbolic graph. The other options are those of
+    `compile_fullgraph`."""
+    chosen = _checked(device, mode, False, options)
+    return torch.compile(_with_own_code(fn), fullgraph=True, dynamic=dynamic, backend=backend, **chosen)
 
 
 def _checked(device: torch.device | None, mode: str | None, dynamic: bool, options: dict | None) -> dict:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import images as _images, overlay
-from .errors import InputError
+from .errors import InputError, TargetError
 from .explain import Explanation
 from .metrics import Evaluation
 
@@ -136,14 +136,11 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                 except InputError as exc:
                     report.failed.append((path, str(exc)))
                     bar.write(f"skipped {exc}")
-            if batch:
-                display = torch.stack([image for _, image in batch]).to(device)
-                normalized = _images.normalize(display, mean, std)
-                out = explain(normalized)
+            for group, display, normalized, out in _explained(batch, explain, device, mean, std, report, bar):
                 scores = score(normalized, out) if score is not None else None
                 drawn = regions(normalized, out) if regions is not None else None
                 out, display = out.cpu(), display.cpu()
-                for i, (path, _) in enumerate(batch):
+                for i, (path, _) in enumerate(group):
                     png = _unique_png(out_dir, path, taken)
                     line = _describe(path, png, out, i, class_names, task)
                     if drawn is not None and task == "detect":
@@ -181,6 +178,24 @@ def explain_files(paths: Iterable[str | Path], explain: Callable[[Tensor], Expla
                     report.written.append(png)
             bar.update(len(files[start:start + batch_size]))
     return report
+
+
+def _explained(batch: list[tuple[Path, Tensor]], explain: Callable[[Tensor], Explanation], device, mean, std,
+               report: Report, bar) -> list[tuple[list[tuple[Path, Tensor]], Tensor, Tensor, Explanation]]:
+    """(images, display, normalised, explanation) for `batch`, in one call; where a target refuses an image (a
+    detector finding fewer detections than asked, say), each image alone, the refused ones listed as failed."""
+    if not batch:
+        return []
+    display = torch.stack([image for _, image in batch]).to(device)
+    normalized = _images.normalize(display, mean, std)
+    try:
+        return [(batch, display, normalized, explain(normalized))]
+    except TargetError as exc:
+        if len(batch) == 1:
+            report.failed.append((batch[0][0], f"{str(batch[0][0])!r}: {exc}"))
+            bar.write(f"skipped {batch[0][0]}: {exc}")
+            return []
+    return [one for image in batch for one in _explained([image], explain, device, mean, std, report, bar)]
 
 
 def _describe(path: Path, png: Path, out: Explanation, i: int, class_names: Sequence[str] | None,

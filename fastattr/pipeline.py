@@ -234,6 +234,17 @@ class Pipeline:
             out = replace(out, maps={m: out.maps[m] for m in self.methods})
         return out
 
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """The per-channel mean the front ends normalise images [0, 1] with for this model: ImageNet's, except for
+        torchvision's detectors, which take images in [0, 1] and normalise them inside (0 and 1: unchanged)."""
+        return (0.0, 0.0, 0.0) if self.task == "detect" else zoo.IMAGENET_MEAN
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """The per-channel standard deviation that goes with `mean`."""
+        return (1.0, 1.0, 1.0) if self.task == "detect" else zoo.IMAGENET_STD
+
     def regions(self, images: Tensor, out: Explanation) -> list[list[dict]] | None:
         """What each explained output refers to, per image and class, for drawing and reporting: for `segment`,
         `{"mask": [H, W] bool}`, the pixels the class wins; for `detect`, `{"box": [x1, y1, x2, y2], "label": int,

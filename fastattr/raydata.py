@@ -71,7 +71,8 @@ class ExplainBatch:
         probabilities = np.zeros((n, k), dtype=np.float32)
         maps = {m: np.zeros((n, k, self.size, self.size), dtype=np.uint8) for m in self.methods}
         if good:
-            out = self.pipeline(_images.normalize(torch.stack([decoded[i] for i in good]))).cpu()
+            out = self.pipeline(_images.normalize(torch.stack([decoded[i] for i in good]), self.pipeline.mean,
+                                                  self.pipeline.std)).cpu()
             classes[good] = out.classes.numpy()
             probabilities[good] = out.logits.float().softmax(-1).gather(1, out.classes).numpy()
             for m in self.methods:
@@ -129,6 +130,9 @@ def explain_to_parquet(paths: str | Sequence[str], out: str | Path, spec: Spec |
         spec = spec_from_args(options)
     elif options:
         raise InputError(f"explain_to_parquet: pass a spec or its options ({', '.join(options)}), not both")
+    if spec.threshold is not None:  # each Parquet row holds k classes: a column's shape is fixed
+        raise InputError("threshold: Ray Data's rows hold k classes each; explain every class above a threshold with "
+                         "fastattr explain (without --ray)")
     if spec.export_file is None and spec.backend in ("onnx", "pt2"):
         check(spec)
     else:

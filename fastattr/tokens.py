@@ -120,7 +120,8 @@ def check(layout: Layout, acts: Tensor, image_size: tuple[int, int], layer: str,
         return
     if layout.patch is None:
         raise LayerError(f"layer: {layer!r} of {model_name} gives a 3-D activation {shape}; as tokens [N, tokens, C] "
-                         f"it needs the model's patch size, which fastattr reads from torchvision's and timm's ViTs "
+                         f"it needs the model's patch size, which fastattr reads from torchvision's, timm's and Hugging "
+                         f"Face's ViTs "
                          f"and {model_name} does not give{fix}")
     (height, width), (ph, pw) = image_size, layout.patch
     if height % ph or width % pw:

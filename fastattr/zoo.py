@@ -130,8 +130,10 @@ def categories(name: str, num_classes: int | None = None) -> tuple[str, ...] | N
 def check_name(name: str) -> None:
     """Raise `FastattrError` naming the closest known models unless `load_model` knows `name`."""
     if name.startswith(TIMM_PREFIX):
-        import timm
-
+        try:
+            import timm
+        except ImportError:
+            raise FastattrError(f"model: {name!r} is a timm model, and timm is not installed; pip install timm") from None
         if not timm.is_model(name[len(TIMM_PREFIX):]):
             close = difflib.get_close_matches(name[len(TIMM_PREFIX):], timm.list_models(), n=3)
             hint = f"; closest: {', '.join(TIMM_PREFIX + c for c in close)}" if close else ""

@@ -216,8 +216,8 @@ def test_v2_health_and_metadata_answer_tritonclient(url):
     _, client = triton(url)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("fastattr")
     meta = client.get_model_metadata("fastattr")
-    assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
-        ("images", "BYTES", [-1]), ("images", "FP32", [-1, 3, SIZE, SIZE])]
+    assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [("images", "BYTES", [-1])]
+    assert meta["inputs"][0]["parameters"] == {"or": f"FP32 [-1, 3, {SIZE}, {SIZE}], normalised images"}
     assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [
         ("logits", "FP32"), ("classes", "INT64"), ("gradcam", "FP32"), ("saliency", "FP32")]
     assert requests.get(f"{url}/v2/models/resnet", timeout=60).status_code == 404
@@ -282,6 +282,14 @@ def test_v2_bad_requests_get_a_4xx_in_the_protocols_error_form_and_do_not_distur
         (good, b"", 200, []),
         ({"inputs": [{**one, "shape": [2], "data": [b64("chelsea.png")]}]}, b"", 400, ["says 2 images, got 1"]),
         ({"inputs": [{**one, "name": "image", "data": [b64("chelsea.png")]}]}, b"", 400, ["name it 'images'"]),
+        ({"inputs": [{**one, "parameters": {"binary_data_size": "16"}}]}, files(b"not an image"), 400,
+         ["binary_data_size must be a byte count"]),
+        ({"inputs": [{**one, "data": [b64("chelsea.png")], "parameters": [1]}]}, b"", 400, ["expected an object"]),
+        ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, SIZE, SIZE],
+                      "data": ["0.5"] * (3 * SIZE * SIZE)}]}, b"", 400, ["must be", "numbers"]),
+        ({"inputs": [{**one, "data": [b64("chelsea.png")]}], "parameters": {"binary_data_output": "no"}}, b"", 400,
+         ["expected true or false"]),
+        ({"inputs": [{**one, "data": [b64("chelsea.png")]}], "parameters": {"priority": 1, "k": 1}}, b"", 200, []),
     ]
     answers = concurrently([lambda b=b: infer(b[0], b[1]) for b in bad])
     for (_, _, status, words), response in zip(bad, answers):

@@ -198,3 +198,57 @@ def test_a_threshold_with_an_export_backend_is_refused(capsys):
                      "--threshold", "0.5"])
     assert code == 2
     assert "--threshold: an export explains a fixed k per image, and the backend is onnx" in capsys.readouterr().err
+
+
+# --- a target refusing one image: the others are still explained ---------------------------------------------------
+
+class RefusesDarkImages:
+    """A stand-in pipeline whose target refuses images with a negative mean (as a detector's `detections(k)`
+    refuses an image with fewer detections than k), and explains the others with fixed values."""
+
+    mean, std, fixed_k, task = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), None, "classify"
+
+    def __call__(self, x, classes=None, k=None):
+        if (x.flatten(1).mean(1) < 0).any():
+            raise fastattr.TargetError("detections: image 0 has 1 detections above the detector's score threshold")
+        n, k = len(x), k or 1
+        return fastattr.Explanation(x.flatten(1)[:, :4], torch.arange(k).repeat(n, 1),
+                                    {"gradcam": x.mean(1, keepdim=True).expand(n, k, -1, -1)}, "layer")
+
+
+def test_a_batch_with_an_image_the_target_refuses_answers_the_others_and_says_why_for_it():
+    from fastattr.serve import Query, answer_batch
+
+    bright, dark = torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), -0.5)
+    query = Query(1, None, ("gradcam",), "none")
+    answers = answer_batch(RefusesDarkImages(), [(bright, query), (dark, query), (bright * 2, query)])
+    assert [a.error for a in answers] == [None, "detections: image 0 has 1 detections above the detector's score "
+                                                "threshold", None]
+    assert answers[0].maps["gradcam"].mean().item() == 0.5 and answers[2].maps["gradcam"].mean().item() == 1.0
+
+
+def test_explain_files_lists_an_image_the_target_refuses_and_writes_the_others(tmp_path):
+    from fastattr import files
+
+    def explain(x):  # the white image (mean 1) is refused, shifted to a negative mean
+        return RefusesDarkImages()(x - 2 * (x.flatten(1).mean(1) > 0.99).view(-1, 1, 1, 1), k=1)
+
+    white = tmp_path / "white.png"
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(white)
+    report = files.explain_files([PHOTOS[0], white, PHOTOS[1]], explain, tmp_path / "out", size=SIZE, batch_size=3,
+                                 mean=(0, 0, 0), std=(1, 1, 1), progress=False)
+    assert [p.name for p in report.written] == ["chelsea.png", "coffee.png"]
+    assert [(p.name, "detections: image 0 has 1" in why) for p, why in report.failed] == [("white.png", True)]
+
+
+def test_a_detection_pipeline_takes_images_in_0_1_which_the_detector_normalises_itself():
+    pipeline = build(Spec(DETECTOR, input_size=SIZE, k=1))
+    assert (pipeline.mean, pipeline.std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert build(Spec(SEGMENTER, input_size=SIZE, k=1)).mean == zoo.IMAGENET_MEAN
+
+
+def test_metrics_of_a_task_other_than_classify_are_refused(capsys):
+    code = cli.main(["explain", str(PHOTOS[0]), "-o", "/tmp/never-written", "--model", SEGMENTER, "--metrics",
+                     "deletion"])
+    assert code == 2 and "--metrics: the faithfulness metrics score a classifier's logits, and the task is segment" \
+        in capsys.readouterr().err

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .. import zoo
-from ..pipeline import Pipeline, build, check_trusted
+from ..pipeline import Pipeline, build, check_trusted, task_of
 from ..errors import FastattrError, InputError
 from ..options import convert, spec_from_args, spec_options
 from .batching import Answer, Query, answer_batch
@@ -79,7 +79,13 @@ class ExplainService:
                  max_bytes: int = 10_000_000, max_pixels: int = 40_000_000, **spec_options: Any):
         from ray import serve
 
-        self.pipeline = build(spec_from_args(spec_options))
+        spec = spec_from_args(spec_options)
+        if spec.threshold is not None:
+            raise InputError("threshold: a request to this server asks for its k or its classes; explain every class "
+                             "above a threshold with fastattr explain, or the API's k=fastattr.targets.Above(t)")
+        if task_of(spec) == "detect" and spec.k is None:  # a detector's outputs are its top-k detections: max_k of them
+            spec = replace(spec, k=max_k)
+        self.pipeline = build(spec)
         p = self.pipeline
         if not 1 <= max_k <= p.num_classes:
             raise InputError(f"max_k: {max_k} is not in 1..{p.num_classes} ({p.description} has {p.num_classes} outputs)")
@@ -121,9 +127,12 @@ class ExplainService:
             image = await asyncio.to_thread(load_image, data, self.pipeline.input_size, self.max_bytes,
                                             self.max_pixels)
             answer = await self.explain_batch((image, query))
-            return JSONResponse(await asyncio.to_thread(to_json, answer, image, query, self.pipeline.names))
+            if answer.error is not None:
+                raise RequestError(422, answer.error)
+            return JSONResponse(await asyncio.to_thread(to_json, answer, image, query, self.pipeline.names,
+                                                        self.pipeline.task))
         except RequestError as exc:
-            headers = {"Allow": "POST"} if exc.status == 405 else None
+            headers = {"Allow": exc.allow} if exc.status == 405 else None
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
 
@@ -135,10 +144,11 @@ class ExplainService:
         reads = {"/v2": lambda: v2.server_metadata(), "/v2/health/live": lambda: {"live": True},
                  "/v2/health/ready": lambda: {"ready": True}, model: lambda: v2.metadata(self.pipeline, self.max_k),
                  f"{model}/versions/{v2.VERSION}": lambda: v2.metadata(self.pipeline, self.max_k),
-                 f"{model}/ready": lambda: {"name": v2.MODEL, "ready": True}}
+                 f"{model}/ready": lambda: {"name": v2.MODEL, "ready": True},
+                 f"{model}/versions/{v2.VERSION}/ready": lambda: {"name": v2.MODEL, "ready": True}}
         if path in reads:
             if request.method not in ("GET", "HEAD"):
-                raise RequestError(405, f"{path} takes GET, not {request.method}")
+                raise RequestError(405, f"{path} takes GET, not {request.method}", allow="GET, HEAD")
             return JSONResponse(reads[path]())
         if path not in (f"{model}/infer", f"{model}/versions/{v2.VERSION}/infer"):
             raise RequestError(404, f"no endpoint {path!r}; this server's model is {v2.MODEL!r}: GET {model} for its "
@@ -150,7 +160,10 @@ class ExplainService:
         infer = await asyncio.to_thread(v2.parse_infer, header, binary, self.pipeline, self.max_k, self.max_bytes,
                                         self.max_pixels)
         answers = await asyncio.gather(*(self.explain_batch(item) for item in infer.items))
-        content, headers = v2.encode_outputs(infer, v2.stacked(answers, infer.items[0][1].methods))
+        if refused := [f"image {i}: {a.error}" for i, a in enumerate(answers) if a.error is not None]:
+            raise RequestError(422, "; ".join(refused))
+        content, headers = await asyncio.to_thread(v2.encode_outputs, infer,
+                                                   v2.stacked(answers, infer.items[0][1].methods))
         return Response(content, headers=headers)
 
 

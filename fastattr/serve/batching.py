@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import images as _images
+from ..errors import TargetError
 from ..pipeline import Pipeline
 
 __all__ = ["Query", "Answer", "answer_batch"]
@@ -35,10 +36,11 @@ class Query:
 class Answer:
     """One request's share of a batch: its logits `[C]`, classes `[K]` and maps (method -> `[K, H, W]`)."""
 
-    logits: Tensor
-    classes: Tensor
+    logits: Tensor | None
+    classes: Tensor | None
     maps: dict[str, Tensor]
     batch_size: int
+    error: str | None = None  # why the target refused this image (a detector with fewer detections than asked)
 
 
 def answer_batch(pipeline: Pipeline, items: Sequence[tuple[Tensor, Query]], fixed_k: int | None = None) -> list[Answer]:
@@ -50,7 +52,8 @@ def answer_batch(pipeline: Pipeline, items: Sequence[tuple[Tensor, Query]], fixe
     >>> [a.classes.tolist() for a in answer_batch(pipeline, [(cat, top3), (cat, dog)])]   # doctest: +SKIP
     [[281, 285, 282], [207]]
     """
-    images = torch.stack([image if query.normalized else _images.normalize(image[None])[0] for image, query in items])
+    images = torch.stack([image if query.normalized else _images.normalize(image[None], pipeline.mean, pipeline.std)[0]
+                          for image, query in items])
     answers: list[Answer | None] = [None] * len(items)
     for named in (False, True):
         rows = [i for i, (_, query) in enumerate(items) if (query.classes is not None) == named]
@@ -59,8 +62,19 @@ def answer_batch(pipeline: Pipeline, items: Sequence[tuple[Tensor, Query]], fixe
         queries = [items[i][1] for i in rows]
         k = fixed_k or pipeline.fixed_k or max(q.k for q in queries)
         table = torch.tensor([[*q.classes, *q.classes[-1:] * (k - q.k)] for q in queries]) if named else None
-        out = pipeline(images[rows], table, None if named else k).cpu()
-        for j, (i, query) in enumerate(zip(rows, queries)):
-            answers[i] = Answer(out.logits[j], out.classes[j, :query.k],
-                                {m: out.maps[m][j, :query.k] for m in query.methods}, len(items))
+        try:
+            parts = [(rows, pipeline(images[rows], table, None if named else k).cpu())]
+        except TargetError:  # one image's target refused it: the others must not fail with it, so each alone
+            parts = []
+            for j, i in enumerate(rows):
+                try:
+                    parts.append(([i], pipeline(images[[i]], None if table is None else table[[j]],
+                                                None if named else k).cpu()))
+                except TargetError as exc:
+                    answers[i] = Answer(None, None, {}, len(items), str(exc))
+        for part_rows, out in parts:
+            for j, i in enumerate(part_rows):
+                query = items[i][1]
+                answers[i] = Answer(out.logits[j], out.classes[j, :query.k],
+                                    {m: out.maps[m][j, :query.k] for m in query.methods}, len(items))
     return answers  # type: ignore[return-value]

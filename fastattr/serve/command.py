@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import FastattrError
 from ..localray import init_local_ray, is_loopback
-from ..options import add_spec_arguments, usage_error
+from ..options import add_spec_arguments, spec_from_args, usage_error
 from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, app
 
 __all__ = ["add_arguments", "run"]
@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface); with a loopback "
                              "address Ray's own processes listen on loopback alone too")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000")
+    parser.add_argument("--kserve", action="store_true",
+                        help="serve with KServe's model server instead of Ray Serve: V1 :predict and :explain, and V2 "
+                             "(needs fastattr[kserve])")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         if not Path(value).is_file():
             return usage_error(f"--{name} {value}: no such file")
         options[name] = str(Path(value).resolve())  # the replica's working folder may differ from ours
+    if args.kserve:
+        return _run_kserve(args, options)
     try:
         application = app(options)
     except (ValueError, FastattrError) as exc:
@@ -83,6 +88,24 @@ def run(args: argparse.Namespace) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    return 0
+
+
+def _run_kserve(args: argparse.Namespace, options: dict) -> int:
+    """Serve with kserve.ModelServer in this process until it is stopped (Ctrl-C or SIGTERM)."""
+    try:
+        from . import kserve
+    except ImportError as exc:
+        return usage_error(f"--kserve: KServe is not installed ({exc}); pip install 'fastattr[kserve]'")
+    server = {name: options.pop(name) for name in SERVER_OPTIONS if name != "num_cpus"}
+    options.pop("num_cpus", None)
+    try:
+        model = kserve.FastattrModel(spec_from_args(options), **server)
+    except (ValueError, FastattrError) as exc:
+        return usage_error(str(exc))
+    print(f"fastattr: serving with KServe at http://{args.host}:{args.port}/v1/models/{model.name}:predict, "
+          f":explain and /v2/models/{model.name}/infer; Ctrl-C stops", flush=True)
+    kserve.start(model, args.host, args.port)
     return 0
 
 

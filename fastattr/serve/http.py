@@ -32,9 +32,9 @@ FORM_OVERHEAD = 64 * 1024  # bytes a multipart body may hold beyond its image: b
 class RequestError(Exception):
     """A request the server refuses: answered with `status` and `{"error": message}`, before any batching."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, allow: str = "POST"):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.allow = status, message, allow  # allow: the methods a 405 names
 
 
 def _max_k_hint(pipeline: Pipeline, max_k: int) -> str:
@@ -190,12 +190,14 @@ def _array(map_: Tensor) -> dict:
     return {"shape": list(map_.shape), "dtype": "uint8", "data": base64.b64encode(pixels.numpy().tobytes()).decode()}
 
 
-def to_json(answer: Answer, image: Tensor, query: Query, names: Sequence[str] | None) -> dict:
+def to_json(answer: Answer, image: Tensor, query: Query, names: Sequence[str] | None, task: str = "classify") -> dict:
     """The JSON answer to one request (see the module's docstring)."""
     classes = answer.classes.tolist()
-    result = {"classes": classes,
-              "names": [names[c] if names else f"class {c}" for c in classes],
-              "probabilities": answer.logits.softmax(-1)[answer.classes].tolist()}
+    result = {"classes": classes, "names": [names[c] if names else f"class {c}" for c in classes]}
+    if task == "classify":  # logits: the softmax says how sure; another target's scores are read as they are
+        result["probabilities"] = answer.logits.softmax(-1)[answer.classes].tolist()
+    else:
+        result["scores"] = answer.logits[answer.classes].tolist()
     if query.maps == "png":
         result["maps"] = {m: [_png(o) for o in overlay.blend(image[None], v[None])[0]] for m, v in answer.maps.items()}
     elif query.maps == "array":

@@ -11,7 +11,9 @@ indices, a list or "281,285") and `methods` ("gradcam,saliency"). The outputs ar
 `classes` INT64 `[N, K]` and one FP32 `[N, K, S, S]` map per method, named after it. Tensors travel as JSON
 `data` or, with the protocol's binary tensor extension (`Inference-Header-Content-Length`; what tritonclient
 sends), as raw little-endian bytes after the JSON header; BYTES elements are each a 4-byte little-endian length
-and the bytes (JSON strings are read as base64). Errors are `{"error": message}` with a 4xx status.
+and the bytes. In JSON, where the protocol's BYTES are text, an image file is a base64 string (as MLServer's
+`content_type: base64`). The protocol's own parameters (`binary_data_output`, `priority`, `timeout`, sequence
+ids) are read or passed over. Errors are `{"error": message}` with a 4xx status.
 
 >>> header, binary = split_body(body, request.headers.get("inference-header-content-length"))   # doctest: +SKIP
 """
@@ -33,8 +35,8 @@ from ..pipeline import Pipeline
 from .batching import Answer, Query
 from .http import RequestError, load_image, parse_query
 
-__all__ = ["MODEL", "VERSION", "Infer", "split_body", "parse_infer", "metadata", "server_metadata", "stacked",
-           "encode_outputs"]
+__all__ = ["MODEL", "VERSION", "Infer", "split_body", "parse_infer", "checked", "metadata", "server_metadata",
+           "stacked", "encode_outputs"]
 
 MODEL, VERSION = "fastattr", "1"
 DATATYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
@@ -53,17 +55,21 @@ class Infer:
 
 
 def server_metadata() -> dict:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"name": "fastattr", "version": version("fastattr"), "extensions": ["binary_tensor_data"]}
+    try:
+        release = version("fastattr")
+    except PackageNotFoundError:  # run from a source tree without installing
+        release = "unknown"
+    return {"name": "fastattr", "version": release, "extensions": ["binary_tensor_data"]}
 
 
 def metadata(pipeline: Pipeline, max_k: int) -> dict:
     """The model's V2 metadata: its inputs (the images, as encoded files or normalised FP32) and outputs."""
     s, c = pipeline.input_size, pipeline.num_classes
     return {"name": MODEL, "versions": [VERSION], "platform": "fastattr",
-            "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
-                       {"name": "images", "datatype": "FP32", "shape": [-1, 3, s, s]}],
+            "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1],
+                        "parameters": {"or": f"FP32 [-1, 3, {s}, {s}], normalised images"}}],
             "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, c]},
                         {"name": "classes", "datatype": "INT64", "shape": [-1, -1]},
                         *({"name": m, "datatype": "FP32", "shape": [-1, -1, s, s]} for m in pipeline.methods)],
@@ -74,7 +80,7 @@ def metadata(pipeline: Pipeline, max_k: int) -> dict:
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """The JSON header of an infer request and the binary tensor data after it (empty without the extension)."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise RequestError(400, f"{HEADER}: {header_length!r} is not a length within the body's {len(body)} bytes")
         cut = int(header_length)
     else:
@@ -90,36 +96,59 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
 
 def parse_infer(header: dict, binary: bytes, pipeline: Pipeline, max_k: int, max_bytes: int,
                 max_pixels: int) -> Infer:
-    """Check an infer request against what `pipeline` computes and the server's limits; raise RequestError (400,
-    or 413 for an image over the limits) naming the problem, before any batching."""
+    """Check an infer request (its JSON header and binary tensor data) against what `pipeline` computes and the
+    server's limits; raise RequestError (400, or 413 for an image over the limits) naming the problem, before any
+    batching."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise RequestError(400, "inputs: expected one input, 'images' (BYTES [N] encoded image files, or FP32 "
                                 "[N, 3, S, S] normalised images)")
     tensor = inputs[0]
-    if tensor.get("name") != "images":
-        raise RequestError(400, f"inputs: the input is named {tensor.get('name')!r}; name it 'images'")
-    query = parse_query(_query_params(header.get("parameters") or {}), pipeline, max_k)
+    parameters = _parameters(header, "the request")
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or not shape:
-        raise RequestError(400, f"images: shape must be a list of sizes, got {shape!r}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
-    data = binary[:size] if size is not None else None
-    if size is not None and (not isinstance(size, int) or size > len(binary)):
-        raise RequestError(400, f"images: binary_data_size {size!r} is more than the {len(binary)} bytes sent")
+    size = _parameters(tensor, "images").get("binary_data_size")
+    if size is not None and (type(size) is not int or not 0 <= size <= len(binary)):
+        raise RequestError(400, f"images: binary_data_size must be a byte count within the {len(binary)} binary "
+                                f"bytes sent, got {size!r}")
+    if size is not None and size != len(binary):
+        raise RequestError(400, f"images: binary_data_size is {size}, but {len(binary)} binary bytes follow the header")
+    _check_shape(shape)
+    if datatype == "BYTES":
+        values = _bytes_elements(binary) if size is not None else _base64_elements(tensor.get("data"))
+    elif datatype == "FP32":
+        values = _fp32(binary if size is not None else None, tensor.get("data"), shape)
+    else:
+        values = None
+    requested = header.get("outputs")
+    if requested is not None:
+        if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+            raise RequestError(400, "outputs: expected a list of {\"name\": ...}")
+        requested = [(o.get("name"), _parameters(o, f"output {o.get('name')!r}").get("binary_data")) for o in requested]
+    return checked(header.get("id"), tensor.get("name"), datatype, shape, values, parameters, requested, pipeline,
+                   max_k, max_bytes, max_pixels)
+
+
+def checked(request_id: str | None, name: Any, datatype: Any, shape: list[int], values: Any,
+            parameters: Mapping[str, Any], requested: list[tuple[Any, Any]] | None, pipeline: Pipeline, max_k: int,
+            max_bytes: int, max_pixels: int) -> Infer:
+    """An infer request's input (`values`: the encoded files of a BYTES tensor, or the FP32 images `[N, 3, S, S]`),
+    parameters and requested outputs ((name, binary_data or None)), as decoded from HTTP here or by KServe's
+    server, checked; raise RequestError naming the problem."""
+    if name != "images":
+        raise RequestError(400, f"inputs: the input is named {name!r}; name it 'images'")
+    query = parse_query(_query_params(parameters), pipeline, max_k)
+    _check_shape(shape)
     if datatype == "BYTES":
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise RequestError(400, f"images: BYTES images have shape [N] (one encoded file each), got {shape}")
-        files = _bytes_elements(data) if data is not None else _base64_elements(tensor.get("data"))
-        if len(files) != shape[0]:
-            raise RequestError(400, f"images: shape {shape} says {shape[0]} images, got {len(files)}")
-        items = [(load_image(f, pipeline.input_size, max_bytes, max_pixels), query) for f in files]
+        if len(values) != shape[0]:
+            raise RequestError(400, f"images: shape {shape} says {shape[0]} images, got {len(values)}")
+        items = [(load_image(f, pipeline.input_size, max_bytes, max_pixels), query) for f in values]
     elif datatype == "FP32":
         s = pipeline.input_size
         if len(shape) != 4 or shape[1:] != [3, s, s]:
             raise RequestError(400, f"images: FP32 images must be [N, 3, {s}, {s}] (normalised, at this server's "
                                     f"input size), got {shape}")
-        values = _fp32(data, tensor.get("data"), shape)
         if not bool(torch.isfinite(values).all()):
             raise RequestError(400, "images: the FP32 images hold NaN or Inf values")
         normalized = Query(query.k, query.classes, query.methods, query.maps, normalized=True)
@@ -130,28 +159,51 @@ def parse_infer(header: dict, binary: bytes, pipeline: Pipeline, max_k: int, max
     if not items:
         raise RequestError(400, "images: the request holds no image")
     names = ["logits", "classes", *query.methods]
-    requested = header.get("outputs")
-    every_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    every_binary = _flag(parameters, "binary_data_output", False)
     if requested is None:
-        return Infer(header.get("id"), items, names, {name: every_binary for name in names})
-    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
-        raise RequestError(400, "outputs: expected a list of {\"name\": ...}")
-    unknown = [o.get("name") for o in requested if o.get("name") not in names]
+        return Infer(request_id, items, names, {name: every_binary for name in names})
+    unknown = [n for n, _ in requested if n not in names]
     if unknown:
         raise RequestError(400, f"outputs: unknown output {unknown[0]!r}; this request gives {', '.join(names)}")
-    return Infer(header.get("id"), items, [o["name"] for o in requested],
-                 {o["name"]: bool((o.get("parameters") or {}).get("binary_data", every_binary)) for o in requested})
+    return Infer(request_id, items, [n for n, _ in requested],
+                 {n: _flag({"binary_data": b} if b is not None else {}, "binary_data", every_binary)
+                  for n, b in requested})
+
+
+def _check_shape(shape: Any) -> None:
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
+        raise RequestError(400, f"images: shape must be a list of sizes, got {shape!r}")
+
+
+def _parameters(holder: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    parameters = holder.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, Mapping):
+        raise RequestError(400, f"parameters of {what}: expected an object such as {{\"k\": 3}}, got "
+                                f"{type(parameters).__name__}")
+    return parameters
+
+
+def _flag(parameters: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(400, f"{name}: expected true or false, got {value!r}")
+    return value
+
+
+# The protocol's own request parameters, which say how to run or send the request, not what to explain.
+PROTOCOL_PARAMETERS = ("binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end",
+                       "headers")
 
 
 def _query_params(parameters: Mapping[str, Any]) -> dict[str, str]:
     # The request's parameters as the strings parse_query reads (its checks and messages are the /explain ones).
-    if not isinstance(parameters, Mapping):
-        raise RequestError(400, "parameters: expected an object such as {\"k\": 3}")
     params = {}
     for name, value in parameters.items():
-        if name == "binary_data_output":
+        if name in PROTOCOL_PARAMETERS:
             continue
-        if name == "classes" and isinstance(value, list):
+        if name in ("classes", "methods") and isinstance(value, list):
             value = ",".join(map(str, value))
         params[name] = str(value)
     return {**params, "maps": "none"}
@@ -188,10 +240,13 @@ def _fp32(data: bytes | None, values: Any, shape: list[int]) -> Tensor:
             raise RequestError(400, f"images: shape {shape} needs {4 * count} bytes of FP32, got {len(data)}")
         return torch.from_numpy(np.frombuffer(data, dtype=DATATYPES["FP32"]).astype(np.float32).reshape(shape))
     try:
-        array = np.asarray(values, dtype=np.float32).reshape(shape)
-    except (TypeError, ValueError):
-        raise RequestError(400, f"images: data must be {count} numbers for shape {shape}") from None
-    return torch.from_numpy(array)
+        array = np.asarray(values) if isinstance(values, list) else None
+    except ValueError:  # ragged lists
+        array = None
+    # numpy reads numeric strings and bools as numbers when asked for floats: only integer or float data passes
+    if array is None or array.dtype.kind not in "iuf" or array.size != count:
+        raise RequestError(400, f"images: data must be {count} numbers for shape {shape}")
+    return torch.from_numpy(array.astype(np.float32).reshape(shape))
 
 
 def stacked(answers: Sequence[Answer], methods: Sequence[str]) -> dict[str, np.ndarray]:

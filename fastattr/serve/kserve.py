@@ -1,0 +1,214 @@
+"""fastattr as a KServe model: KServe's V1 protocol (`:predict`, `:explain`) and the Open Inference Protocol (V2),
+served by `kserve.ModelServer`, built from a spec as every front end is (`fastattr serve --kserve`).
+
+    POST /v1/models/fastattr:predict   {"instances": [{"b64": "<image file>"}, ...], "parameters": {"k": 3}}
+    POST /v1/models/fastattr:explain   the same, with the maps ("maps": "array" or "png" in the parameters)
+    POST /v2/models/fastattr/infer     as the Ray Serve app's V2 (`fastattr.serve.v2`): the same tensors
+
+Requests are checked before any batching (the /explain and V2 checks and messages) and refused with KServe's
+`{"error": message}` and 400; the images of all requests then share dynamic batches (`Batcher`: at most
+`max_batch_size` images, waiting at most `batch_wait_ms` after the first), answered as the Ray Serve app's are.
+Needs the `kserve` extra.
+
+>>> start(FastattrModel(Spec("resnet50", "r50.pth")), "127.0.0.1", 8080)        # until stopped   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import kserve
+import numpy as np
+import torch
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from ..errors import InputError
+from ..pipeline import Spec, build, task_of
+from . import v2
+from .batching import Answer, Query, answer_batch
+from .http import RequestError, load_image, parse_query, to_json
+
+__all__ = ["FastattrModel", "Batcher", "start"]
+
+
+class Batcher:
+    """Dynamic batching of checked items: the first item starts a batch, which runs when `max_batch_size` items
+    have come or `batch_wait_ms` has passed, in a worker thread; each caller awaits its own answer."""
+
+    def __init__(self, run, max_batch_size: int, batch_wait_ms: float):
+        self.run, self.max_batch_size, self.wait = run, max_batch_size, batch_wait_ms / 1000
+        self.queue: asyncio.Queue | None = None
+
+    async def __call__(self, item: tuple[torch.Tensor, Query]) -> Answer:
+        if self.queue is None:  # made on the server's event loop, at the first request
+            self.queue = asyncio.Queue()
+            asyncio.get_running_loop().create_task(self._serve())
+        done = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, done))
+        return await done
+
+    async def _serve(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            deadline = asyncio.get_running_loop().time() + self.wait
+            while len(batch) < self.max_batch_size:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(),
+                                                        max(0.0, deadline - asyncio.get_running_loop().time())))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                answers = await asyncio.to_thread(self.run, [item for item, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every caller of this batch hears of it
+                for _, done in batch:
+                    done.set_exception(exc)
+                continue
+            for (_, done), answer in zip(batch, answers):
+                done.set_result(answer)
+
+
+class FastattrModel(kserve.Model):
+    """A KServe model explaining with `fastattr.build(spec)`: `predict` gives the classes, `explain` adds the maps
+    (V1), and V2 infer requests get the logits, classes and maps as tensors. The options are the Ray Serve
+    app's: `max_k` classes per request, dynamic batches of `max_batch_size` waiting `batch_wait_ms`, images over
+    `max_bytes` or `max_pixels` refused."""
+
+    def __init__(self, spec: Spec, name: str = v2.MODEL, max_k: int = 5, max_batch_size: int = 16,
+                 batch_wait_ms: float = 10.0, max_bytes: int = 10_000_000, max_pixels: int = 40_000_000):
+        super().__init__(name)
+        if spec.threshold is not None:
+            raise InputError("threshold: a request to this server asks for its k or its classes; explain every class "
+                             "above a threshold with fastattr explain, or the API's k=fastattr.targets.Above(t)")
+        if task_of(spec) == "detect" and spec.k is None:
+            spec = replace(spec, k=max_k)
+        self.pipeline = build(spec)
+        if not 1 <= max_k <= self.pipeline.num_classes:
+            raise InputError(f"max_k: {max_k} is not in 1..{self.pipeline.num_classes}")
+        self.max_k = min(max_k, self.pipeline.fixed_k or max_k)
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.batch = Batcher(lambda items: answer_batch(self.pipeline, items), max_batch_size, batch_wait_ms)
+        self.ready = True
+
+    def load(self) -> bool:
+        return self.ready  # built in __init__: the pipeline is there before the server starts
+
+    def get_input_types(self) -> list[dict]:
+        """The V2 metadata's inputs, as the Ray Serve app gives them (`fastattr.serve.v2.metadata`)."""
+        return v2.metadata(self.pipeline, self.max_k)["inputs"]
+
+    def get_output_types(self) -> list[dict]:
+        return v2.metadata(self.pipeline, self.max_k)["outputs"]
+
+    async def predict(self, payload: dict | InferRequest, headers: dict | None = None) -> dict | InferResponse:
+        if isinstance(payload, InferRequest):
+            return await self._infer(payload)
+        return await self._v1(payload, with_maps=False)
+
+    async def explain(self, payload: dict, headers: dict | None = None) -> dict:
+        return await self._v1(payload, with_maps=True)
+
+    async def _v1(self, payload: Any, with_maps: bool) -> dict:
+        try:
+            if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list) \
+                    or not payload["instances"]:
+                raise RequestError(400, 'instances: expected {"instances": [{"b64": "<image file>"}, ...]}')
+            parameters = payload.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                raise RequestError(400, "parameters: expected an object such as {\"k\": 3}")
+            params = {n: ",".join(map(str, v)) if isinstance(v, list) else str(v) for n, v in parameters.items()}
+            params["maps"] = params.get("maps", "array") if with_maps else "none"
+            query = parse_query(params, self.pipeline, self.max_k)
+            pictures = [await asyncio.to_thread(load_image, _image_bytes(instance), self.pipeline.input_size,
+                                                self.max_bytes, self.max_pixels) for instance in payload["instances"]]
+            answers = await asyncio.gather(*(self.batch((picture, query)) for picture in pictures))
+            _refused(answers)
+        except RequestError as exc:
+            raise InvalidInput(exc.message) from None
+        names, task = self.pipeline.names, self.pipeline.task
+        return {"predictions": [await asyncio.to_thread(to_json, a, p, query, names, task)
+                                for a, p in zip(answers, pictures)]}
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
+        try:
+            if len(request.inputs) != 1:
+                raise RequestError(400, "inputs: expected one input, 'images'")
+            tensor = request.inputs[0]
+            values = _elements(tensor) if tensor.datatype == "BYTES" else \
+                torch.from_numpy(np.ascontiguousarray(tensor.as_numpy(), dtype=np.float32)) \
+                if tensor.datatype == "FP32" else None
+            requested = None if request.request_outputs is None else [
+                (o.name, (o.parameters or {}).get("binary_data")) for o in request.request_outputs]
+            infer = await asyncio.to_thread(v2.checked, request.id, tensor.name, tensor.datatype, list(tensor.shape),
+                                            values, request.parameters or {}, requested, self.pipeline, self.max_k,
+                                            self.max_bytes, self.max_pixels)
+            answers = await asyncio.gather(*(self.batch(item) for item in infer.items))
+            _refused(answers)
+        except RequestError as exc:
+            raise InvalidInput(exc.message) from None
+        values = v2.stacked(answers, infer.items[0][1].methods)
+        outputs = []
+        for name in infer.outputs:
+            output = InferOutput(name=name, shape=list(values[name].shape),
+                                 datatype="INT64" if values[name].dtype.kind == "i" else "FP32")
+            output.set_data_from_numpy(values[name], binary_data=infer.binary[name])
+            outputs.append(output)
+        return InferResponse(response_id=request.id or "", model_name=self.name, infer_outputs=outputs,
+                             model_version=v2.VERSION)
+
+
+def _refused(answers: Sequence[Answer]) -> None:
+    if refused := [f"image {i}: {a.error}" for i, a in enumerate(answers) if a.error is not None]:
+        raise RequestError(422, "; ".join(refused))
+
+
+def _image_bytes(instance: Any) -> bytes:
+    """An image file from a V1 instance: {"b64": ...}, {"image_bytes": {"b64": ...}} (TensorFlow Serving's form)
+    or a base64 string."""
+    if isinstance(instance, dict):
+        instance = instance.get("image_bytes", instance)
+        instance = instance.get("b64") if isinstance(instance, dict) else None
+    if not isinstance(instance, str):
+        raise RequestError(400, 'instances: each instance is an image file in base64: {"b64": "..."}')
+    try:
+        return base64.b64decode(instance, validate=True)
+    except ValueError:
+        raise RequestError(400, "instances: an instance is not base64; encode each image file in base64") from None
+
+
+def _elements(tensor) -> list[bytes]:
+    # KServe gives a BYTES tensor's elements as bytes (binary extension) or str (JSON): base64 there, as in v2.
+    elements = []
+    for value in tensor.as_numpy().reshape(-1):
+        if isinstance(value, bytes):
+            elements.append(value)
+            continue
+        try:
+            elements.append(base64.b64decode(str(value), validate=True))
+        except ValueError:
+            raise RequestError(400, "images: a BYTES element is not base64; send each image file base64-encoded") from None
+    return elements
+
+
+def start(model: FastattrModel, host: str, port: int) -> None:
+    """Serve `model` with `kserve.ModelServer` on `host:port` (HTTP only, one worker) until it is stopped."""
+    _ModelServer(host, http_port=port, enable_grpc=False, workers=1).start([model])
+
+
+class _ModelServer(kserve.ModelServer):
+    """`kserve.ModelServer` listening on `host`: KServe's REST server binds every interface, as a pod does; a
+    machine's server should listen on loopback unless told otherwise, as `fastattr serve` does."""
+
+    def __init__(self, host: str, **options: Any):
+        super().__init__(**options)
+        self.host = host
+
+    def setup_event_loop(self):
+        # Called by start() after it made the REST server's uvicorn config and before the server runs it.
+        super().setup_event_loop()
+        if self._rest_server is not None:
+            self._rest_server.config.host = self.host
