@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/load_test.py --model resnet50 --input-size 224 --clients 16 --requests 96 \
         --max-batch-size 16 -o benchmarks/results/cpu-serving.json
+    .venv/bin/python benchmarks/load_test.py --server kserve ... -o benchmarks/results/cpu-serving-kserve.json
+
+With `--server kserve` the server is `fastattr serve --kserve` in its own process, called on V1's `:explain`.
 
 For each configuration it starts Ray Serve in this process (a local Ray instance, loopback only), sends
 `--requests` requests of the example photos from `--clients` threads (k=3, maps as uint8 arrays), and
@@ -78,18 +81,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def served(url: str, photos: list[bytes], expected, clients: int, requests_n: int, time_limit: float) -> dict:
+def served(url: str, photos: list[bytes], expected, clients: int, requests_n: int, time_limit: float,
+           kserve: bool = False) -> dict:
     import requests
+
+    encoded = [base64.b64encode(p).decode() for p in photos]
 
     def one(i: int) -> tuple[float, int, bool, int]:
         start = time.perf_counter()
         try:
-            reply = requests.post(f"{url}/explain", data=photos[i % len(photos)], params={"k": K, "maps": "array"},
-                                  headers={"Content-Type": "image/png"}, timeout=time_limit)
+            if kserve:  # KServe's V1 :explain, the same answer inside its "predictions"
+                reply = requests.post(f"{url}/v1/models/fastattr:explain", timeout=time_limit,
+                                      json={"instances": [{"b64": encoded[i % len(photos)]}],
+                                            "parameters": {"k": K, "maps": "array"}})
+            else:
+                reply = requests.post(f"{url}/explain", data=photos[i % len(photos)], params={"k": K, "maps": "array"},
+                                      headers={"Content-Type": "image/png"}, timeout=time_limit)
         except requests.RequestException:
             return time.perf_counter() - start, 0, True, 0
         ok = reply.status_code == 200
-        body = reply.json() if ok else {}
+        body = (reply.json()["predictions"][0] if kserve else reply.json()) if ok else {}
         return (time.perf_counter() - start, reply.status_code, ok and wrong(body, expected[i % len(photos)]),
                 body.get("batch_size", 0))
 
@@ -103,6 +114,40 @@ def served(url: str, photos: list[bytes], expected, clients: int, requests_n: in
             "p99_ms": 1000 * float(np.percentile(latencies, 99)),
             "errors": sum(r[1] != 200 for r in results), "wrong": sum(r[2] for r in results),
             "mean_batch_size": statistics.mean(r[3] for r in results if r[3]) if any(r[3] for r in results) else 0}
+
+
+def served_by_kserve(args: argparse.Namespace, weights: str, url: str, photos: list[bytes], expected) -> dict:
+    """Start `fastattr serve --kserve` (kserve.ModelServer, its own process, loopback) and load it."""
+    import subprocess
+
+    import requests
+
+    port = url.rsplit(":", 1)[1]
+    command = [sys.executable, "-m", "fastattr", "serve", "--kserve", "--model", args.model, "--weights", weights,
+               "--input-size", str(args.input_size), "--methods", "gradcam", "--max-k", str(K), "--port", port,
+               "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+               *(["--backend", "compiled"] if args.backend == "compiled" else [])]
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + args.time_limit
+            while time.monotonic() < deadline:
+                try:
+                    if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(0.5)
+                if server.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"the KServe server stopped: {log.read().decode()[-2000:]}")
+            served(url, photos, expected, args.clients, args.max_batch_size, args.time_limit, kserve=True)  # warm-up
+            return served(url, photos, expected, args.clients, args.requests, args.time_limit, kserve=True)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 def run_config(args: argparse.Namespace, weights: str) -> dict:
@@ -123,20 +168,24 @@ def run_config(args: argparse.Namespace, weights: str) -> dict:
     offline_images_per_s(backend, photos, args.max_batch_size, args.max_batch_size)  # warm-up
     offline_before = offline_images_per_s(backend, photos, args.max_batch_size, offline_n)
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(fserve.app(options), route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        served(url, photos, expected, args.clients, args.max_batch_size, args.time_limit)  # warm-up
-        result = served(url, photos, expected, args.clients, args.requests, args.time_limit)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    url = f"http://127.0.0.1:{port}"
+    if args.server == "kserve":
+        result = served_by_kserve(args, weights, url, photos, expected)
+    else:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(fserve.app(options), route_prefix="/", blocking=False)
+            served(url, photos, expected, args.clients, args.max_batch_size, args.time_limit)  # warm-up
+            result = served(url, photos, expected, args.clients, args.requests, args.time_limit)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     offline_after = offline_images_per_s(backend, photos, args.max_batch_size, offline_n)
     offline = (offline_before + offline_after) / 2
     overhead_ms = 1000 * (1 / result["images_per_s"] - 1 / offline)
-    return {"model": args.model, "input_size": args.input_size, "backend": args.backend, "methods": ["gradcam"],
+    return {"server": args.server, "model": args.model, "input_size": args.input_size, "backend": args.backend,
+            "methods": ["gradcam"],
             "replica_num_cpus": args.num_cpus, "offline_torch_threads": torch.get_num_threads(),
             "k": K, "clients": args.clients, "max_batch_size": args.max_batch_size,
             "batch_wait_ms": args.batch_wait_ms, **result, "offline_images_per_s": offline,
@@ -149,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--backend", choices=("eager", "compiled"), default="eager")
+    parser.add_argument("--server", choices=("ray", "kserve"), default="ray",
+                        help="ray: the Ray Serve app in this process; kserve: fastattr serve --kserve in its own")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--max-batch-size", type=int, default=16)

@@ -19,3 +19,17 @@ def test_the_load_test_gets_every_answer_right_on_a_small_model(tmp_path):
                            "--max-batch-size", "4", "--time-limit", "120", "-o", str(out)]) == 0
     run = json.loads(out.read_text())["runs"][0]
     assert run["requests"] == 8 and run["errors"] == 0 and run["wrong"] == 0
+
+
+@pytest.mark.xdist_group("kserve")  # no Ray: a KServe server process of its own
+def test_the_load_test_gets_every_answer_right_from_the_kserve_server(tmp_path):
+    import json
+
+    pytest.importorskip("kserve")
+    import load_test
+
+    out = tmp_path / "serving.json"
+    assert load_test.main(["--server", "kserve", "--model", "resnet18", "--input-size", "32", "--clients", "4",
+                           "--requests", "8", "--max-batch-size", "4", "--time-limit", "120", "-o", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["server"] == "kserve" and run["requests"] == 8 and run["errors"] == 0 and run["wrong"] == 0

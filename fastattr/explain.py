@@ -427,7 +427,17 @@ class Explainer:
                 folded = sampled.fold(grads)
                 return (folded * weights[a:b].view(1, -1, *(1,) * (folded.ndim - 2))).sum(1)
 
-            values[name] = graph.folded_grads(self._whole, points, fold, count, classes, per_chunk, self.k_form)
+            try:
+                values[name] = graph.folded_grads(self._whole, points, fold, count, classes, per_chunk, self.k_form)
+            except RuntimeError as exc:
+                if "setup_context" not in str(exc):
+                    raise
+                # torch.func differentiates the sampled points through the whole model: an autograd.Function
+                # without setup_context in it (torchvision's roi_align, in its detectors) cannot be.
+                sampled = [m for m in self.methods if set(_methods.METHODS[m].reads) & _methods.SAMPLED.keys()]
+                raise MethodError(f"methods: {', '.join(sampled)} differentiate the whole of {type(self.model).__name__} "
+                                  "with torch.func, and it holds an autograd.Function torch.func cannot differentiate "
+                                  "(torchvision's detectors: roi_align); use the other methods") from None
         return values
 
     def _perturbed(self, images: Tensor, acts: Tensor, p: graph.Pass, classes: Tensor) -> dict:

@@ -38,7 +38,10 @@ def assert_same_explanation(got, want):
 
 
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
-@pytest.mark.parametrize("name,layer", [("resnet18", "layer3"), ("vgg11_bn", "features.14")])
+# resnet18 at reduced depth (tests/models.py): the same ops, a fraction of inductor's compile time (the whole model
+# compiles in benchmarks/test_compiled.py). vgg11_bn stays whole: at reduced width its compiled saliency, whose
+# ReLU masks flip with summation order, falls below test_compile's correlation bound (measured 0.997).
+@pytest.mark.parametrize("name,layer", [("mini-resnet18", "layer3"), ("vgg11_bn", "features.14")])
 def test_compiled_attribution_equals_eager_and_reference_for_k_1_and_3(name, layer):
     net, x = model(name), images(2)
     options = dict(layer=layer, methods=("gradcam", "saliency"), upsample=False)

@@ -467,3 +467,46 @@ def test_a_detector_is_refused_for_export_saying_why(tmp_path):
                                                    r"image"):
         fastattr.export_onnx(net, tmp_path / "d.onnx", layer=DETECTORS[name][0], k=1, input_shape=(3, 64, 64),
                              output=targets.boxes(named, labels))
+
+
+@pytest.mark.filterwarnings("ignore:fastattr. torch.fx cannot trace")
+def test_explaining_a_detector_leaves_it_as_it_was_after_success_and_after_a_refused_box():
+    name = "fasterrcnn_mobilenet_v3_large_fpn"
+    net, x = detector(name, torch.float32), detection_batch(1, torch.float32)
+    named, labels = top_boxes(net, x, 1)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = [(p.requires_grad, p.grad) for p in net.parameters()]
+    explainer = fastattr.Explainer(net, DETECTORS[name][0], ("gradcam", "saliency"), output=targets.boxes(named, labels))
+    explainer(x)
+    with pytest.raises(fastattr.TargetError):
+        fastattr.Explainer(net, DETECTORS[name][0], output=targets.boxes(named + 40, labels))(x)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in net.modules())
+    assert not net.training and all(not m.training for m in net.modules())
+    assert [(p.requires_grad, p.grad) for p in net.parameters()] == flags
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.slow  # a detector through every gradient method on the eager hook path
+@pytest.mark.filterwarnings("ignore:fastattr. torch.fx cannot trace")
+def test_every_gradient_method_the_eager_path_runs_explains_a_detector():
+    # Guided backpropagation rewrites a torch.fx trace and Ablation-CAM runs the traced head: both are refused for
+    # a model torch.fx cannot trace, saying why; the other methods run on the hook path.
+    # SmoothGrad and IG differentiate their points through the whole model with torch.func, which cannot
+    # differentiate torchvision's roi_align (an autograd.Function without setup_context): refused at the call.
+    from fastattr.methods import SAMPLED
+
+    name = "fasterrcnn_mobilenet_v3_large_fpn"
+    net, x = detector(name, torch.float32), detection_batch(1, torch.float32)
+    sampled = tuple(m for m in fastattr.METHODS if set(fastattr.METHODS[m].reads) & SAMPLED.keys())
+    methods = tuple(m for m in fastattr.METHODS if m not in ("guided", "guided-gradcam", "ablationcam", *sampled))
+    out = fastattr.Explainer(net, DETECTORS[name][0], methods, output=targets.detections(2), window=32,
+                             stride=32)(x, k=2)
+    for method in methods:
+        assert out.maps[method].shape == (1, 2, 64, 64) and bool(torch.isfinite(out.maps[method]).all()), method
+    for method, why in (("guided", "torch.fx cannot trace FasterRCNN"), ("ablationcam", "needs a model torch.fx can "
+                                                                                     "trace")):
+        with pytest.raises(fastattr.MethodError, match=why):
+            fastattr.Explainer(net, DETECTORS[name][0], method, output=targets.detections(2))
+    with pytest.raises(fastattr.MethodError, match=rf"methods: {', '.join(sampled)} differentiate the whole of "
+                                                   r"FasterRCNN with torch.func, .* \(torchvision's detectors: roi_align\)"):
+        fastattr.Explainer(net, DETECTORS[name][0], sampled, output=targets.detections(2), samples=2, steps=2)(x, k=2)
