@@ -25,7 +25,10 @@ def test_the_load_test_gets_every_answer_right_on_a_small_model(tmp_path):
 def test_the_load_test_gets_every_answer_right_from_the_kserve_server(tmp_path):
     import json
 
-    pytest.importorskip("kserve")
+    import importlib.util
+
+    if importlib.util.find_spec("kserve") is None:  # the server runs in its own process
+        pytest.skip("kserve is not installed (the kserve extra)")
     import load_test
 
     out = tmp_path / "serving.json"

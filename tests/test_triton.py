@@ -7,8 +7,27 @@ import pytest
 
 from fastattr import cli
 
-model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+tritonclient = pytest.importorskip("tritonclient")
 from google.protobuf import text_format  # noqa: E402
+
+
+def _model_config_pb2():
+    """tritonclient's `model_config_pb2`, loaded from its file: importing it as `tritonclient.grpc.model_config_pb2`
+    runs tritonclient.grpc's __init__, whose service protos collide in protobuf's pool with KServe's own (the same
+    `inference.*` names) when both load in one process."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    if not path.exists():
+        pytest.skip("tritonclient ships no grpc/model_config_pb2.py")
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_config_pb2 = _model_config_pb2()
 
 SIZE, K = 64, 3
 

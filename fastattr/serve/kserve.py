@@ -21,11 +21,20 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-import kserve
+import sys
+
 import numpy as np
 import torch
-from kserve.errors import InvalidInput
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+# kserve parses the process's command line when it is imported (its model server's defaults), and argparse's prefix
+# matching can read another program's options as its own, or exit on them: it sees none of ours.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    import kserve
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+finally:
+    sys.argv = _argv
 
 from ..errors import InputError
 from ..pipeline import Spec, build, task_of
