@@ -131,15 +131,16 @@ def served_by_kserve(args: argparse.Namespace, weights: str, url: str, photos: l
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + args.time_limit
-            while time.monotonic() < deadline:
+            while True:
                 try:
                     if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                         break
                 except requests.ConnectionError:
-                    time.sleep(0.5)
-                if server.poll() is not None:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise RuntimeError(f"the KServe server stopped: {log.read().decode()[-2000:]}")
+                    raise RuntimeError(f"the KServe server is not ready: {log.read().decode()[-2000:]}")
+                time.sleep(0.5)
             served(url, photos, expected, args.clients, args.max_batch_size, args.time_limit, kserve=True)  # warm-up
             return served(url, photos, expected, args.clients, args.requests, args.time_limit, kserve=True)
         finally:

@@ -271,9 +271,11 @@ def detections(k: int) -> Callable[[Any], Tensor]:
         _check_detections(outputs, "detections")
         for i, d in enumerate(outputs):
             if len(d["scores"]) < k:
-                raise TargetError(f"detections: image {i} has {len(d['scores'])} detections above the detector's score "
-                                  f"threshold, fewer than the {k} asked for; ask for fewer, or lower the detector's "
-                                  "threshold (box_score_thresh or score_thresh in torchvision)")
+                which = f"image {i}" if len(outputs) > 1 else "the image"
+                raise TargetError(f"detections: {which} has {len(d['scores'])} detections above the detector's score "
+                                  f"threshold, fewer than the {k} this target scores; make it with a smaller k "
+                                  "(--k, or a server's --max-k), or lower the detector's threshold (box_score_thresh "
+                                  "or score_thresh in torchvision)")
         return torch.stack([d["scores"].topk(k).values for d in outputs])
 
     scores.not_exportable = _NOT_EXPORTABLE

@@ -409,8 +409,9 @@ def test_detections_are_each_images_k_highest_scores_in_descending_order():
 
 def test_an_image_with_fewer_detections_than_k_is_refused():
     out = [{"boxes": torch.zeros(1, 4), "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}]
-    with pytest.raises(fastattr.TargetError, match=r"detections: image 0 has 1 detections above the detector's score "
-                                                   r"threshold, fewer than the 2 asked for"):
+    with pytest.raises(fastattr.TargetError, match=r"detections: the image has 1 detections above the detector's "
+                                                   r"score threshold, fewer than the 2 this target scores; make it "
+                                                   r"with a smaller k"):
         targets.detections(2)(out)
 
 

@@ -150,3 +150,9 @@ def test_bad_requests_get_a_400_in_kserves_error_form_and_the_good_ones_beside_t
     served = {o["name"]: o for o in answers[6].json()["outputs"]}
     assert served["classes"]["data"] == direct("coffee.png", k=2).classes[0].tolist()
     assert answers[10].json()["predictions"][0]["classes"] == direct("chelsea.png", k=1).classes[0].tolist()
+
+
+def test_a_bad_server_option_is_a_usage_error_before_the_model_loads():
+    done = subprocess.run([sys.executable, "-m", "fastattr", "serve", "--kserve", "--model", "resnet18",
+                           "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "max_batch_size=0: must be at least 1" in done.stderr

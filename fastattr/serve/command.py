@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import FastattrError
 from ..localray import init_local_ray, is_loopback
 from ..options import add_spec_arguments, spec_from_args, usage_error
-from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, app
+from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, app, app_options
 
 __all__ = ["add_arguments", "run"]
 
@@ -97,12 +97,15 @@ def _run_kserve(args: argparse.Namespace, options: dict) -> int:
         from . import kserve
     except ImportError as exc:
         return usage_error(f"--kserve: KServe is not installed ({exc}); pip install 'fastattr[kserve]'")
-    server = {name: options.pop(name) for name in SERVER_OPTIONS if name != "num_cpus"}
-    options.pop("num_cpus", None)
     try:
+        options = app_options(options)  # the Ray Serve app's conversions and checks (--max-batch-size >= 1, ...)
+        server = {name: options.pop(name) for name in SERVER_OPTIONS if name != "num_cpus"}
+        options.pop("num_cpus", None)  # Ray's reservation: KServe's server uses this process's threads
         model = kserve.FastattrModel(spec_from_args(options), **server)
     except (ValueError, FastattrError) as exc:
-        return usage_error(str(exc))
+        return usage_error(str(exc).removeprefix("app: "))
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        return 130
     print(f"fastattr: serving with KServe at http://{args.host}:{args.port}/v1/models/{model.name}:predict, "
           f":explain and /v2/models/{model.name}/infer; Ctrl-C stops", flush=True)
     kserve.start(model, args.host, args.port)

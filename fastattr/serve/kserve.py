@@ -3,12 +3,14 @@ served by `kserve.ModelServer`, built from a spec as every front end is (`fastat
 
     POST /v1/models/fastattr:predict   {"instances": [{"b64": "<image file>"}, ...], "parameters": {"k": 3}}
     POST /v1/models/fastattr:explain   the same, with the maps ("maps": "array" or "png" in the parameters)
-    POST /v2/models/fastattr/infer     as the Ray Serve app's V2 (`fastattr.serve.v2`): the same tensors
+    POST /v2/models/fastattr/infer     as the Ray Serve app's V2 (`fastattr.serve.v2`), but KServe's REST server
+                                       decodes binary BYTES as UTF-8: image files go as base64 strings in JSON
 
 Requests are checked before any batching (the /explain and V2 checks and messages) and refused with KServe's
-`{"error": message}` and 400; the images of all requests then share dynamic batches (`Batcher`: at most
-`max_batch_size` images, waiting at most `batch_wait_ms` after the first), answered as the Ray Serve app's are.
-Needs the `kserve` extra.
+`{"error": message}` and 400 (KServe has no other status for bad input: an image over the limits, or one a
+detector finds too few detections in, is a 400 here); the images of all requests then share dynamic batches
+(`Batcher`: at most `max_batch_size` images, waiting at most `batch_wait_ms` after the first), each answer
+exactly the Ray Serve app's. Needs the `kserve` extra.
 
 >>> start(FastattrModel(Spec("resnet50", "r50.pth")), "127.0.0.1", 8080)        # until stopped   # doctest: +SKIP
 """
@@ -47,38 +49,46 @@ __all__ = ["FastattrModel", "Batcher", "start"]
 
 class Batcher:
     """Dynamic batching of checked items: the first item starts a batch, which runs when `max_batch_size` items
-    have come or `batch_wait_ms` has passed, in a worker thread; each caller awaits its own answer."""
+    have come or `batch_wait_ms` has passed, in a worker thread; each caller awaits its own answer. A caller that
+    went away (its request cancelled) is left out; the batching task is kept, and made again if it ever ends."""
 
     def __init__(self, run, max_batch_size: int, batch_wait_ms: float):
         self.run, self.max_batch_size, self.wait = run, max_batch_size, batch_wait_ms / 1000
         self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
 
     async def __call__(self, item: tuple[torch.Tensor, Query]) -> Answer:
         if self.queue is None:  # made on the server's event loop, at the first request
             self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._serve())
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._serve())
         done = asyncio.get_running_loop().create_future()
         await self.queue.put((item, done))
         return await done
 
     async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
-            deadline = asyncio.get_running_loop().time() + self.wait
+            deadline = loop.time() + self.wait
             while len(batch) < self.max_batch_size:
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(),
-                                                        max(0.0, deadline - asyncio.get_running_loop().time())))
+                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
                 except asyncio.TimeoutError:
                     break
+            batch = [(item, done) for item, done in batch if not done.done()]  # callers still waiting
+            if not batch:
+                continue
             try:
                 answers = await asyncio.to_thread(self.run, [item for item, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every caller of this batch hears of it
                 for _, done in batch:
-                    done.set_exception(exc)
+                    if not done.done():
+                        done.set_exception(exc)
                 continue
-            for (_, done), answer in zip(batch, answers):
-                done.set_result(answer)
+            for (_, done), answer in zip(batch, answers, strict=True):
+                if not done.done():
+                    done.set_result(answer)
 
 
 class FastattrModel(kserve.Model):
@@ -95,12 +105,16 @@ class FastattrModel(kserve.Model):
                              "above a threshold with fastattr explain, or the API's k=fastattr.targets.Above(t)")
         if task_of(spec) == "detect" and spec.k is None:
             spec = replace(spec, k=max_k)
-        self.pipeline = build(spec)
-        if not 1 <= max_k <= self.pipeline.num_classes:
-            raise InputError(f"max_k: {max_k} is not in 1..{self.pipeline.num_classes}")
-        self.max_k = min(max_k, self.pipeline.fixed_k or max_k)
+        self.pipeline = p = build(spec)
+        if not 1 <= max_k <= p.num_classes:
+            raise InputError(f"max_k: {max_k} is not in 1..{p.num_classes}")
+        self.max_k = min(max_k, p.fixed_k or max_k)
+        # As the Ray Serve app: a compiled pipeline runs every pass at max_k, its graphs all compiled at start-up.
+        fixed_k = self.max_k if p.backend == "compiled" else None
+        if p.backend == "compiled":
+            p.warmup(k=self.max_k)
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
-        self.batch = Batcher(lambda items: answer_batch(self.pipeline, items), max_batch_size, batch_wait_ms)
+        self.batch = Batcher(lambda items: answer_batch(p, items, fixed_k), max_batch_size, batch_wait_ms)
         self.ready = True
 
     def load(self) -> bool:
@@ -148,8 +162,7 @@ class FastattrModel(kserve.Model):
                 raise RequestError(400, "inputs: expected one input, 'images'")
             tensor = request.inputs[0]
             values = _elements(tensor) if tensor.datatype == "BYTES" else \
-                torch.from_numpy(np.ascontiguousarray(tensor.as_numpy(), dtype=np.float32)) \
-                if tensor.datatype == "FP32" else None
+                _fp32(tensor) if tensor.datatype == "FP32" else None
             requested = None if request.request_outputs is None else [
                 (o.name, (o.parameters or {}).get("binary_data")) for o in request.request_outputs]
             infer = await asyncio.to_thread(v2.checked, request.id, tensor.name, tensor.datatype, list(tensor.shape),
@@ -189,10 +202,26 @@ def _image_bytes(instance: Any) -> bytes:
         raise RequestError(400, "instances: an instance is not base64; encode each image file in base64") from None
 
 
+def _fp32(tensor) -> torch.Tensor:
+    # KServe's own decoding of the data against the shape; numeric strings and bools are refused, as by v2.
+    try:
+        array = tensor.as_numpy()
+    except (TypeError, ValueError) as exc:
+        raise RequestError(400, f"images: the FP32 data does not fit shape {list(tensor.shape)} ({exc})") from None
+    if array.dtype.kind not in "iuf":
+        raise RequestError(400, f"images: data must be numbers for shape {list(tensor.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
 def _elements(tensor) -> list[bytes]:
-    # KServe gives a BYTES tensor's elements as bytes (binary extension) or str (JSON): base64 there, as in v2.
+    # A BYTES tensor's elements: KServe's REST server gives JSON strings, read as base64 as v2 reads them (it decodes
+    # binary-extension BYTES as UTF-8 before the model sees them, which an image file is not).
+    try:
+        values = tensor.as_numpy().reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(400, f"images: the BYTES data does not fit shape {list(tensor.shape)} ({exc})") from None
     elements = []
-    for value in tensor.as_numpy().reshape(-1):
+    for value in values:
         if isinstance(value, bytes):
             elements.append(value)
             continue
@@ -217,7 +246,11 @@ class _ModelServer(kserve.ModelServer):
         self.host = host
 
     def setup_event_loop(self):
-        # Called by start() after it made the REST server's uvicorn config and before the server runs it.
+        # Called by start() after it made the REST server's uvicorn config and before the server runs it (kserve
+        # 0.21; pyproject's kserve extra requires it).
         super().setup_event_loop()
-        if self._rest_server is not None:
-            self._rest_server.config.host = self.host
+        config = getattr(self._rest_server, "config", None)
+        if config is None:
+            raise RuntimeError("fastattr serve --kserve: this kserve version keeps its REST server's address where "
+                               "fastattr cannot set it; install the kserve version of fastattr's kserve extra")
+        config.host = self.host

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -234,7 +235,7 @@ def _base64_elements(data: Any) -> list[bytes]:
 
 
 def _fp32(data: bytes | None, values: Any, shape: list[int]) -> Tensor:
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python's exact product: numpy's wraps around on a crafted shape
     if data is not None:
         if len(data) != 4 * count:
             raise RequestError(400, f"images: shape {shape} needs {4 * count} bytes of FP32, got {len(data)}")
