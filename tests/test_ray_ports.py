@@ -34,8 +34,10 @@ def listeners(root_pid: int) -> dict[tuple[str, int], list[tuple[str, int]]]:
 
     found = {}
     for process in psutil.Process(root_pid).children(recursive=True):
+        # psutil 6 renamed connections() net_connections(); the kserve extra keeps psutil 5.
+        connections = getattr(process, "net_connections", None) or process.connections
         try:
-            found[process.name(), process.pid] = [tuple(c.laddr) for c in process.net_connections(kind="inet")
+            found[process.name(), process.pid] = [tuple(c.laddr) for c in connections(kind="inet")
                                                   if c.status == psutil.CONN_LISTEN]
         except psutil.NoSuchProcess:  # a short-lived worker that is gone already
             continue
