@@ -440,15 +440,20 @@ class Explainer:
                                   "(torchvision's detectors: roi_align); use the other methods") from None
         return values
 
+    def ablation_cost(self, image: Tensor) -> perturb.AblationCost:
+        """What Ablation-CAM's ablated copies of one image `[1, C, H, W]` cost when all run at once (see
+        `fastattr.perturb.ablation_cost`): what an export, which holds no chunks, checks before it holds them."""
+        return perturb.ablation_cost(self.split, image, self._layout.channels_last)
+
     def _perturbed(self, images: Tensor, acts: Tensor, p: graph.Pass, classes: Tensor) -> dict:
         """The perturbation passes' reads, each forwarding its copies max(1, sample_batch // N) per image at a
         time (all at once when sample_batch is None). `acts` is the layer's output as a grid, `p` the shared pass."""
         reads, per_chunk = self.reads, self._points_per_chunk(images.shape[0])
         values = {"class_scores": p.logits.gather(1, classes)}
         if "ablated_scores" in reads:
-            channel_axis = 1 if p.acts.ndim == 4 and not self._layout.channels_last else -1
             values["ablated_scores"] = perturb.ablated_scores(self.split, p.acts, p.carried, images, classes,
-                                                              channel_axis, per_chunk, self._head)
+                                                              perturb.channel_axis(p.acts, self._layout.channels_last),
+                                                              per_chunk, self._head)
         if "masked_scores" in reads:
             values["masked_scores"] = perturb.masked_scores(self._forward, images, acts, classes, per_chunk)
         if "occlusion_drops" in reads:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import _export, methods as _methods, targets
+from . import _export, methods as _methods, perturb, targets
 from .errors import ExportError, InputError, at_least
 from .explain import SAMPLE_BATCH, Explainer, Explanation, check_eval_mode, check_finite, draw_noise, images_per_call
 
@@ -41,6 +41,10 @@ _META_MAX_BYTES = 1 << 20   # fastattr's metadata is far smaller: a larger entry
 _TRUST_HOW = "pass trusted=True if you made the file or trust whoever did (--trusted on the command line)"
 # TMPDIR belongs to the whole process: one AOTInductor load at a time points it at a folder of its own.
 _TMPDIR_LOCK = threading.Lock()
+# An exported Ablation-CAM runs the head on all of an image's ablated copies at once (a loaded export then
+# takes fewer images a call): allowed while the copies and the head's work on them fit in 2 GiB an image,
+# as resnet50's at layer4 do at 224x224 and its at layer3 do not (docs/export.md).
+ABLATION_BYTES = 2 << 30
 
 
 def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: Sequence[int],
@@ -54,9 +58,10 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
         raise ExportError(f"output: {reason}")
     options = {name: value for name, value in options.items() if name != "sample_batch"}  # the loader's option
     explainer = Explainer(model, layer, methods, **options, sample_batch=None)
-    if perturbed := _methods.perturbed(explainer.methods):
-        raise ExportError(f"methods: {', '.join(perturbed)} forward a copy of each image per channel or window, in "
-                          "chunks; fastattr does not export them (the graph would hold every copy's forward): "
+    if forwarded := _methods.unexportable(explainer.methods):
+        raise ExportError(f"methods: {', '.join(forwarded)} forward a copy of each image per channel or window "
+                          "through the whole model, in chunks; an exported graph has no chunks and would hold all "
+                          "of them (Score-CAM: one forward per channel of the layer, occlusion: one per window): "
                           "explain them with fastattr.Explainer, and export the other methods")
     param = next(model.parameters())
     shape = tuple(int(s) for s in input_shape[-3:])
@@ -64,6 +69,7 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     # size would be specialised along with it (and N = 1 always is): take a batch size equal to none.
     n = next(n for n in (5, 7, 11, 13, 17, 19, 23) if n not in (k, *shape, explainer.samples, explainer.steps))
     example = torch.randn(n, *shape, dtype=param.dtype, device=param.device)
+    ablated = _check_small_head(explainer, example[:1]) if "ablationcam" in explainer.methods else None
     num_classes = explainer.num_classes(example)
     targets.resolve(None, k, n, num_classes, example.device)  # checks k as every entry point does
 
@@ -85,8 +91,23 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
             "num_classes": num_classes, "with_classes": with_classes,
             "inputs": ["images", *(["class_indices"] if with_classes else []), *(["noise"] if smooth else [])],
             "outputs": ["logits", "classes", *explainer.methods, *(["completeness"] if integrated else [])],
-            "samples": explainer.samples, "seed": explainer.seed, "noise": explainer.noise, "steps": explainer.steps}
+            "samples": explainer.samples, "seed": explainer.seed, "noise": explainer.noise, "steps": explainer.steps,
+            **({"ablated_images_worth": ablated.images_worth} if ablated else {})}
     return attribution, example_args, meta
+
+
+def _check_small_head(explainer: Explainer, image: Tensor) -> perturb.AblationCost:
+    """Refuse Ablation-CAM unless its copies fit: the graph runs the head above the layer on all C ablated copies
+    of each image at once, which stays small above the last feature map (pooling and a classifier) and grows
+    with every stage between a deeper layer and the output."""
+    cost = explainer.ablation_cost(image)
+    if cost.total_bytes > ABLATION_BYTES:
+        raise ExportError(f"methods: ablationcam's export runs the head above {explainer.layer!r} on the "
+                          f"{cost.channels} ablated copies of each image at once, which would hold "
+                          f"{cost.copy_bytes / 2**20:.0f} MiB of copies and {cost.head_bytes / 2**20:.0f} MiB of the "
+                          f"head's work an image (at most {ABLATION_BYTES >> 20} MiB); export at a layer nearer the "
+                          "output, or explain ablationcam with fastattr.Explainer, which runs the copies in chunks")
+    return cost
 
 
 def _traced(model: nn.Module, layer: str | None, methods, k: int, input_shape: Sequence[int], with_classes: bool,
@@ -263,10 +284,11 @@ def _images_and_classes(meta: dict, images: Tensor, classes: Tensor | None) -> t
 
 def _in_chunks(meta: dict, sample_batch: int | None, args: tuple[Tensor, ...], run) -> Explanation:
     """`run(*args)` on at most max(1, sample_batch // points) images at a time, where `points` are the sampled copies
-    of each image the export sends through the network (SmoothGrad's samples, IG's steps): the memory an
-    Explainer's chunks bound, bounded for an export by calling it on fewer images. Outputs are batch first."""
+    of each image the export sends through the network (SmoothGrad's samples, IG's steps; Ablation-CAM's
+    copies count as the images' worth of memory they hold): the memory an Explainer's chunks bound, bounded
+    for an export by calling it on fewer images. Outputs are batch first."""
     points = max(meta["samples"] if "noise" in meta["inputs"] else 1,
-                 meta["steps"] if "completeness" in meta["outputs"] else 1)
+                 meta["steps"] if "completeness" in meta["outputs"] else 1, meta.get("ablated_images_worth", 1))
     n = args[0].shape[0]
     step = images_per_call(points, sample_batch, n)
     if step >= n:

@@ -284,11 +284,19 @@ METHODS: dict[str, Method] = {
 
 # The reads made by forwarding many perturbed copies (`fastattr.perturb`): no gradient, and no export yet.
 PERTURBED = frozenset({"ablated_scores", "masked_scores", "occlusion_drops"})
+# The perturbation reads whose copies go through the whole model: no export holds them (an exported graph has
+# no chunks). Ablation-CAM's copies go through the head above the layer only, which an export may hold.
+THROUGH_THE_MODEL = frozenset({"masked_scores", "occlusion_drops"})
 
 
 def perturbed(names: tuple[str, ...]) -> tuple[str, ...]:
-    """The named methods that read a perturbation pass (compiled forward by forward; no export yet)."""
+    """The named methods that read a perturbation pass (compiled forward by forward)."""
     return tuple(name for name in names if set(METHODS[name].reads) & PERTURBED)
+
+
+def unexportable(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The named methods no export holds: those that forward perturbed copies through the whole model."""
+    return tuple(name for name in names if set(METHODS[name].reads) & THROUGH_THE_MODEL)
 
 
 def reads(names: tuple[str, ...]) -> frozenset[str]:

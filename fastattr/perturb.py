@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InputError, MethodError
 from .graph import Split, scores_of_copies
 
-__all__ = ["ablated_scores", "masked_scores", "occlusion_drops", "window_starts", "check_stride", "check_window_fits"]
+__all__ = ["ablated_scores", "masked_scores", "occlusion_drops", "window_starts", "check_stride", "check_window_fits",
+           "AblationCost", "ablation_cost", "channel_axis"]
 
 
 def ablated_scores(s: Split, acts: Tensor, carried: tuple | None, images: Tensor, classes: Tensor, channel_axis: int,
@@ -124,3 +127,58 @@ def occlusion_drops(forward: Callable[[Tensor], Tensor], images: Tensor, classes
     drops = (scores.unsqueeze(1) - occluded).unflatten(1, (rows.shape[0], cols.shape[0]))  # [N, R, Q, K]
     total = torch.einsum("nrqk,rh,qw->nkhw", drops, rows, cols)
     return total / (rows.sum(0)[:, None] * cols.sum(0)[None, :])
+
+
+class AblationCost(NamedTuple):
+    """What Ablation-CAM's copies of one image hold when they all run at once (an exported graph has no chunks)."""
+
+    channels: int        # C: one ablated copy of the layer's activation per channel
+    copy_bytes: int      # the C copies of the activation
+    head_bytes: int      # what the head's operations write on the C copies (an upper bound of what they keep)
+    images_worth: int    # how many images the two hold the memory of, rounded up
+
+    @property
+    def total_bytes(self) -> int:
+        return self.copy_bytes + self.head_bytes
+
+
+def channel_axis(acts: Tensor, channels_last: bool) -> int:
+    """The channel axis of a layer's own output: 1 for `[N, C, h, w]`, the last for tokens or channels-last maps."""
+    return 1 if acts.ndim == 4 and not channels_last else -1
+
+
+def ablation_cost(s: Split, image: Tensor, channels_last: bool) -> AblationCost:
+    """Measure, on one image `[1, C, H, W]`, the memory Ablation-CAM's C ablated copies and the head's work on
+    them take when all run at once. The head runs on one copy and on two: what two write beyond one is what
+    each copy adds (what the weights alone give, a transposed matrix say, is written once), counted C times."""
+    with torch.no_grad():
+        acts, *carried = s.trunk(image)
+        written = []
+        for copies in (1, 2):
+            inputs = [acts.repeat_interleave(copies, 0),
+                      *(c.repeat_interleave(copies, 0) if isinstance(c, Tensor) and c.ndim and c.shape[0] == 1 else c
+                        for c in carried)]
+            with _WrittenBytes() as mode:
+                s.head(*inputs)
+            written.append(mode.bytes)
+    channels = acts.shape[channel_axis(acts, channels_last)]
+    copy_bytes, head_bytes = channels * acts.numel() * acts.element_size(), channels * max(written[1] - written[0], 0)
+    return AblationCost(channels, copy_bytes, head_bytes,
+                        math.ceil((copy_bytes + head_bytes) / (image.numel() * image.element_size())))
+
+
+class _WrittenBytes(TorchDispatchMode):
+    """Counts the bytes of every new tensor an operation returns while active: not views of its inputs, nor
+    results written in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values()) if isinstance(a, Tensor)}
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, Tensor) and value.untyped_storage().data_ptr() not in given:
+                self.bytes += value.numel() * value.element_size()
+        return out

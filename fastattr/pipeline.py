@@ -309,10 +309,10 @@ def check(spec: Spec, option_prefix: str = "") -> None:
     methods the backend cannot run."""
     check_device(spec, option_prefix)
     backend = spec.backend or (EXPORT_SUFFIXES[spec.export_file.suffix.lower()] if spec.export_file else "eager")
-    if backend in ("onnx", "pt2") and (perturbed := _methods.perturbed(spec.methods or ())):
-        raise InputError(f"{option_prefix}methods: {', '.join(perturbed)} run eagerly or compiled (no export holds "
-                         f"them yet), and the backend is {backend}; use {option_prefix}backend eager or compiled "
-                         "with a model name")
+    if backend in ("onnx", "pt2") and (forwarded := _methods.unexportable(spec.methods or ())):
+        raise InputError(f"{option_prefix}methods: {', '.join(forwarded)} run eagerly or compiled (no export holds "
+                         f"their copies' forwards), and the backend is {backend}; use {option_prefix}backend eager or "
+                         "compiled with a model name")
     methods = spec.methods or ()
     if backend == "compiled" and (perturbed := _methods.perturbed(methods)) and len(perturbed) < len(methods):
         raise InputError(f"{option_prefix}methods: {', '.join(perturbed)} compile the forward of each chunk of "

@@ -17,7 +17,8 @@ import fastattr
 from fastattr.methods import perturbed
 
 SIZE = 64
-# The methods that compile and export (the perturbation methods do neither yet).
+# The methods that compile into one graph and export (the perturbation methods compile chunk by chunk, and of
+# them only ablationcam exports).
 COMPILABLE_METHODS = tuple(m for m in fastattr.METHODS if m not in perturbed(tuple(fastattr.METHODS)))
 
 # name -> (default layer, a layer inside the net where the backward above is substantial)

@@ -329,11 +329,59 @@ def test_a_compiled_perturbation_explainer_leaves_the_model_as_it_was():
     assert not net._forward_hooks and not net._forward_pre_hooks and not net.training
 
 
-@pytest.mark.parametrize("method", PERTURBATION_METHODS)
-def test_perturbation_methods_are_refused_by_export_naming_them(method, tmp_path):
-    with pytest.raises(fastattr.ExportError, match=rf"methods: {method} forward a copy of each image"):
+@pytest.mark.parametrize("method", ["scorecam", "occlusion"])
+def test_score_cam_and_occlusion_are_refused_by_export_naming_the_forwards_it_would_hold(method, tmp_path):
+    with pytest.raises(fastattr.ExportError, match=rf"methods: {method} forward a copy of each image per channel or "
+                                                   r"window through the whole model.*explain them with fastattr.Explainer"):
         fastattr.export_onnx(tiny_net().float(), tmp_path / "t.onnx", layer="1", methods=(method,), k=1,
                              input_shape=(1, 2, 2))
+
+
+def test_ablation_cam_exports_to_onnx_with_the_maps_derived_by_hand(tmp_path):
+    # The first test's maps: class 0 (10 - x) / 3, class 1 ReLU(3 x - 5), now from onnxruntime.
+    path = fastattr.export_onnx(tiny_net().float(), tmp_path / "t.onnx", methods=("ablationcam",), k=2,
+                                input_shape=(1, 2, 2), with_classes=True, **RAW)
+    out = fastattr.OnnxExplainer(path)(X.float(), classes=BOTH)
+    x = X[0, 0].float()
+    torch.testing.assert_close(out.maps["ablationcam"][0, 0], (10 - x) / 3)
+    torch.testing.assert_close(out.maps["ablationcam"][0, 1], (3 * x - 5).relu())
+
+
+def test_a_loaded_ablation_cam_program_takes_an_image_a_call_and_gives_the_explainers_maps(tmp_path):
+    # Two ablated copies of [1, 2, 2] plus the head's work on them hold 4 images' worth of memory, so with
+    # sample_batch=3 the program is called on one image at a time; the maps are those of the Explainer.
+    net, x = tiny_net().float(), X.float().repeat(3, 1, 1, 1) * torch.tensor([1.0, -2.0, 3.0]).view(3, 1, 1, 1)
+    path = fastattr.export_program(net, tmp_path / "t.pt2", methods=("ablationcam",), k=2, input_shape=(1, 2, 2), **RAW)
+    program = fastattr.load_program(path, trusted=True, sample_batch=3)
+    assert program.meta["ablated_images_worth"] == 4
+    calls = []
+    run = program._run
+    program._run = lambda *args: calls.append(args[0].shape[0]) or run(*args)
+    got = program(x)
+    want = fastattr.Explainer(net, methods="ablationcam", **RAW)(x, k=2)
+    assert calls == [1, 1, 1]
+    torch.testing.assert_close(got.maps["ablationcam"], want.maps["ablationcam"])
+
+
+def test_ablation_cam_whose_copies_would_not_fit_is_refused_by_export_naming_their_size(tmp_path):
+    # 1024 channels of 32x32 float32: 1024 copies of 4 MiB, 4096 MiB an image before the head runs.
+    wide = nn.Sequential(nn.Conv2d(3, 1024, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1024, 3)).eval()
+    with pytest.raises(fastattr.ExportError, match=r"ablationcam's export runs the head above '1' on the 1024 ablated "
+                                                   r"copies of each image at once, which would hold 4096 MiB of copies "
+                                                   r"and \d+ MiB of the head's work an image \(at most 2048 MiB\); "
+                                                   r"export at a layer nearer the output"):
+        fastattr.export_onnx(wide, tmp_path / "w.onnx", layer="1", methods=("gradcam", "ablationcam"), k=1,
+                             input_shape=(3, 32, 32))
+    assert not (tmp_path / "w.onnx").exists()
+
+
+def test_the_ablation_cost_counts_the_copies_and_what_the_head_writes_on_each():
+    # tiny_net at its layer: A is [1, 2, 2, 2] float64 (64 bytes), so two copies hold 128 bytes. The head
+    # (pooling, flatten, linear) writes per copy: the clone of A (64), the pooled [2, 1, 1] (16) and the
+    # logits [2] (16); flatten is a view. 2 copies * 96 bytes.
+    cost = fastattr.Explainer(tiny_net(), methods="ablationcam", **RAW).ablation_cost(X)
+    assert (cost.channels, cost.copy_bytes, cost.head_bytes) == (2, 128, 192)
+    assert cost.images_worth == math.ceil((128 + 192) / 32)
 
 
 def test_ablation_cam_on_a_model_torch_fx_cannot_trace_is_refused_naming_the_way_out():
@@ -363,13 +411,14 @@ def test_the_registry_marks_exactly_the_perturbation_methods():
 
 
 @pytest.mark.parametrize("backend", ["onnx", "pt2"])
-def test_a_spec_with_a_perturbation_method_on_an_export_backend_is_refused_before_loading(backend):
+def test_a_spec_with_score_cam_or_occlusion_on_an_export_backend_is_refused_before_loading(backend):
     from fastattr import Spec, pipeline
 
-    with pytest.raises(fastattr.InputError, match=rf"--methods: scorecam run eagerly or compiled \(no export holds "
-                                                  rf"them yet\), and the backend is {backend}; use --backend eager or "
-                                                  r"compiled"):
-        pipeline.check(Spec("resnet18", methods="gradcam, scorecam", backend=backend), "--")
+    with pytest.raises(fastattr.InputError, match=rf"--methods: scorecam, occlusion run eagerly or compiled \(no "
+                                                  rf"export holds their copies' forwards\), and the backend is "
+                                                  rf"{backend}; use --backend eager or compiled"):
+        pipeline.check(Spec("resnet18", methods="gradcam, scorecam, occlusion", backend=backend), "--")
+    pipeline.check(Spec("resnet18", methods="gradcam, ablationcam", backend=backend), "--")  # exportable: accepted
 
 
 def test_a_spec_mixing_perturbation_and_gradient_methods_on_the_compiled_backend_is_refused_before_loading():
