@@ -650,8 +650,8 @@ def explain(model: nn.Module, images: Tensor, layer: str | None = None, methods:
     The Explainer built for a call (an FX trace) is kept for the next calls with the same model and options,
     so repeated one-shot calls cost what calls of one Explainer cost. A kept Explainer is used only while the
     model has the same modules, parameters and buffers (the same objects) and the same plain attributes
-    (numbers, strings, flags); tensor values changed in place are read as they are. The last four are kept,
-    and they hold their models: `clear_cache()` lets them go.
+    (numbers, strings, flags, and tuples, lists and sets of them); tensor values changed in place are read as
+    they are. The last four are kept, and they hold their models: `clear_cache()` lets them go.
 
     >>> out = fastattr.explain(model.eval(), images, layer="layer4", methods=("gradcam", "saliency"), k=5)
     >>> out.logits.shape, out.classes.shape, out.maps["gradcam"].shape   # [N, 1000], [N, 5], [N, 5, H, W]
@@ -677,16 +677,37 @@ def clear_cache() -> None:
         _RECENT.clear()
 
 
+_SCALARS = (type(None), bool, int, float, str)
+_UNKEYED = object()
+
+
+def _plain(value):
+    """A module attribute's value as part of a cache key: a scalar, or a tuple, list or set of such values at any
+    depth (with its type, as a tuple); `_UNKEYED` for anything else (a tensor, a dict, a submodule)."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = tuple(_plain(v) for v in value)
+        if any(item is _UNKEYED for item in items):
+            return _UNKEYED
+        return type(value), frozenset(items) if isinstance(value, (set, frozenset)) else items
+    return _UNKEYED
+
+
+def _plain_attributes(module: nn.Module) -> tuple:
+    return tuple((name, key) for name, key in ((name, _plain(v)) for name, v in vars(module).items())
+                 if key is not _UNKEYED)
+
+
 def _cache_key(model: nn.Module, layer, methods, options: dict) -> tuple | None:
     # What an Explainer fixes when it is built: the module tree it traced, the parameter and buffer objects the
     # trace refers to, and its options. Tensors among the options (a baseline) may change in place, and other
     # unhashable options cannot be compared: those calls build their own Explainer.
     if not isinstance(model, nn.Module) or any(isinstance(v, Tensor) for v in options.values()):
         return None
-    # A module's plain attributes (a scale, a flag) are constants of the trace: their values are part of the key.
-    scalar = (type(None), bool, int, float, str)
-    structure = (tuple((name, type(m), id(m), tuple((a, v) for a, v in vars(m).items() if isinstance(v, scalar)))
-                       for name, m in model.named_modules()),
+    # A module's plain attributes (a scale, a flag, a tuple of gains) are constants of the trace: their values are
+    # part of the key.
+    structure = (tuple((name, type(m), id(m), _plain_attributes(m)) for name, m in model.named_modules()),
                  tuple(id(t) for t in model.parameters()), tuple(id(t) for t in model.buffers()))
     key = (id(model), structure, layer, methods if isinstance(methods, str) else tuple(methods),
            tuple(sorted(options.items())))

@@ -299,6 +299,11 @@ def unexportable(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in names if set(METHODS[name].reads) & THROUGH_THE_MODEL)
 
 
+def sampled(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The named methods that read a sampled pass (`SAMPLED`: SmoothGrad's noisy copies, IG's path points)."""
+    return tuple(name for name in names if set(METHODS[name].reads) & SAMPLED.keys())
+
+
 def reads(names: tuple[str, ...]) -> frozenset[str]:
     """Every tensor the named methods read: what the passes must produce."""
     return frozenset(r for name in names for r in METHODS[name].reads)

@@ -235,6 +235,12 @@ class Pipeline:
         return out
 
     @property
+    def sample_batch(self) -> int:
+        """The most sampled or perturbed copies of the images one pass sends through the network (the spec's, else
+        `SAMPLE_BATCH`)."""
+        return _sample_batch(self.spec)
+
+    @property
     def mean(self) -> tuple[float, ...]:
         """The per-channel mean the front ends normalise images [0, 1] with for this model: ImageNet's, except for
         torchvision's detectors, which take images in [0, 1] and normalise them inside (0 and 1: unchanged)."""

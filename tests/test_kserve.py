@@ -156,3 +156,13 @@ def test_a_bad_server_option_is_a_usage_error_before_the_model_loads():
     done = subprocess.run([sys.executable, "-m", "fastattr", "serve", "--kserve", "--model", "resnet18",
                            "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "max_batch_size=0: must be at least 1" in done.stderr
+
+
+def test_the_kserve_batcher_holds_at_most_sample_batch_images_when_the_methods_multiply_each_image():
+    from fastattr.serve import kserve as fkserve  # imported with its own command line hidden from kserve
+
+    sampled = fkserve.FastattrModel(fastattr.Spec("resnet18", methods="ig", input_size=SIZE, sample_batch=4),
+                                    max_batch_size=16)
+    plain = fkserve.FastattrModel(fastattr.Spec("resnet18", methods="saliency", input_size=SIZE, sample_batch=4),
+                                  max_batch_size=16)
+    assert (sampled.batch.max_batch_size, plain.batch.max_batch_size) == (4, 16)

@@ -79,6 +79,16 @@ def test_a_model_in_training_mode_is_refused_before_any_work_and_left_unchanged(
     assert all(m.training for m in net.modules())
 
 
+@pytest.mark.parametrize("export", [fastattr.export_onnx, fastattr.export_program], ids=["onnx", "program"])
+def test_export_refuses_a_model_in_training_mode(export, tmp_path):
+    net = torchvision.models.resnet18(num_classes=10).train()
+    before = snapshot(net)
+    with pytest.raises(fastattr.InputError, match=r"ResNet is in training mode .*call model.eval\(\) before explaining"):
+        export(net, tmp_path / "model", layer="layer4", input_shape=(3, 64, 64))
+    assert_same(before, snapshot(net))
+    assert all(m.training for m in net.modules()) and list(tmp_path.iterdir()) == []
+
+
 def test_one_submodule_left_in_training_mode_is_named_in_the_refusal():
     net = torchvision.models.resnet18(num_classes=10).eval()
     net.layer2[1].bn1.train()
@@ -160,6 +170,32 @@ def test_an_untraceable_model_takes_the_eager_path_with_a_warning_and_matches_re
             sal = reference.compute_saliency_map(net, x[n:n + 1], c)
             np.testing.assert_allclose(out.maps["saliency"][n, j].numpy(), sal, rtol=0, atol=1e-10)
     assert_same(before, snapshot(net))
+
+
+class BranchyNorm(Branchy):
+    """Branchy with a batch norm, whose running statistics a forward in training mode would update."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, stride=2))
+
+
+# The methods an untraceable model runs, the layer methods on the eager hook path and the input methods on the model
+# itself: all but those that rewrite or cut a torch.fx trace (guided backpropagation's ReLUs, Ablation-CAM's head).
+UNTRACED_METHODS = sorted(set(fastattr.METHODS) - {"guided", "guided-gradcam", "ablationcam"})
+
+
+@pytest.mark.filterwarnings("ignore:fastattr. torch.fx cannot trace BranchyNorm:UserWarning")
+@pytest.mark.parametrize("method", UNTRACED_METHODS)
+def test_an_untraceable_model_in_training_mode_is_refused_and_left_unchanged(method):
+    net = BranchyNorm().train()
+    before = snapshot(net)
+    with pytest.raises(fastattr.InputError, match=r"BranchyNorm is in training mode \('features', 'features.0', "
+                                                  r"'features.1' and \d more\).*call model.eval\(\) before explaining"):
+        fastattr.explain(net, images(2), layer="features", methods=(method,), samples=2, steps=2)
+    assert_same(before, snapshot(net))
+    assert all(m.training for m in net.modules())
 
 
 def test_the_eager_path_removes_its_hook_when_the_call_raises():

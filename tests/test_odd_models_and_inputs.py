@@ -187,6 +187,23 @@ def test_a_one_shot_call_after_a_plain_attribute_changed_reads_the_new_value():
     torch.testing.assert_close(fastattr.explain(net, x, layer="net.layer4").logits, net(x).detach())
 
 
+class Gained(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.gain = torchvision.models.resnet18(num_classes=10), (1.0,)
+
+    def forward(self, x):
+        return self.net(x) * self.gain[0]
+
+
+def test_a_one_shot_call_after_a_tuple_attribute_changed_reads_the_new_value():
+    fastattr.clear_cache()
+    net, x = Gained().eval(), images(2)
+    fastattr.explain(net, x, layer="net.layer4")
+    net.gain = (3.0,)
+    torch.testing.assert_close(fastattr.explain(net, x, layer="net.layer4").logits, net(x).detach())
+
+
 def test_one_shot_calls_with_other_options_get_their_own_explainer():
     fastattr.clear_cache()
     net, x = model("resnet18"), images(2)

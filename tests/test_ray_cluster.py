@@ -1,6 +1,7 @@
 """`fastattr explain --ray --address` against a real Ray cluster of two nodes on this machine, started as a user
-starts one (`ray start --head`, then `ray start --address` for the second node), on loopback alone: one of the
-model's workers is killed mid-job, and the Parquet still holds every image once, equal to direct calls."""
+starts one (`ray start --head`, then `ray start --address` for the second node), on loopback alone (every process of
+both nodes listens there and nowhere else): one of the model's workers is killed mid-job, the second node runs
+batches too, and the Parquet still holds every image once, equal to direct calls."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from PIL import Image
 import fastattr
 from fastattr import images
 from fastattr.pipeline import Spec
+from test_ray_ports import listeners, not_on_loopback
 
 pytest.importorskip("ray.data")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -152,18 +154,30 @@ def test_a_job_on_a_two_node_cluster_whose_worker_is_killed_mid_job_writes_every
                                 "resnet18", "--weights", spec.weights, "--methods", "gradcam,saliency", "--k", "2",
                                 "--input-size", str(SIZE), "--no-progress"],
                                stdout=out, stderr=subprocess.STDOUT, env=environment)
+    node2_worked = False  # whether a worker under the second node's `ray start` was seen running a batch
     try:
         deadline = time.monotonic() + 240
         while not (working := explaining_workers(ray_starts)):
             assert job.poll() is None, f"the job ended before a worker was seen at work:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
+        node2_worked = bool(explaining_workers(ray_starts[1:]))
         working[0].kill()  # SIGKILL, by its id, while it runs a batch: no chance to finish it
         assert job.poll() is None  # mid-job: the job was still running when its worker died
-        assert job.wait(300) == 0, log.read_text()[-3000:]
+        # Mid-job, the model's workers among them: what every process of both nodes listens on.
+        seen = {**listeners(ray_starts[0]), **listeners(ray_starts[1])}
+        deadline = time.monotonic() + 300
+        while job.poll() is None and time.monotonic() < deadline:
+            node2_worked = node2_worked or bool(explaining_workers(ray_starts[1:]))
+            time.sleep(0.2)
+        assert job.wait(10) == 0, log.read_text()[-3000:]
     finally:
         if job.poll() is None:
             job.kill()
+
+    assert [name for name, _ in seen].count("raylet") == 2 and "gcs_server" in {name for name, _ in seen}, seen
+    assert not_on_loopback(seen) == []
+    assert node2_worked  # the job's batches ran on the second node too, not on the head alone
 
     frame = pq.read_table(tmp_path / "out" / "parquet").to_pandas()
     assert sorted(Path(p).name for p in frame.path) == sorted(f"photo{i:03d}.png" for i in range(IMAGES))  # each once

@@ -27,6 +27,33 @@ def test_is_loopback_refuses_every_interface_other_addresses_and_host_names(host
     assert not is_loopback(host)
 
 
+@pytest.mark.parametrize("host_options, loopback", [([], True), (["--host", "127.0.0.1"], True),
+                                                     (["--host", "0.0.0.0"], False), (["--host", "192.0.2.2"], False)])
+def test_fastattr_serve_starts_its_ray_on_loopback_alone_unless_its_host_is_beyond_loopback(
+        monkeypatch, host_options, loopback):
+    import argparse
+
+    pytest.importorskip("ray.serve")
+    import ray
+    from ray import serve
+
+    from fastattr.serve import command
+
+    started = []
+
+    def interrupted(**_):  # Ctrl-C as Ray Serve starts: nothing starts, nothing is left to stop
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "init_local_ray", lambda num_cpus, *, loopback: started.append(loopback))
+    monkeypatch.setattr(serve, "start", interrupted)
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.run(parser.parse_args(["--model", "resnet18", *host_options])) == 130
+    assert started == [loopback] and not ray.is_initialized()
+
+
 def listeners(root_pid: int) -> dict[tuple[str, int], list[tuple[str, int]]]:
     """(process name, pid) -> the (address, port) pairs it listens on (TCP), for every process under `root_pid`."""
     import ray  # noqa: F401 - Ray ships psutil, and puts it on the path

@@ -86,16 +86,25 @@ def test_a_spec_passes_its_sample_batch_to_the_explainer_and_the_command_line_ha
     assert options.spec_from_args(parser.parse_args(["--sample-batch", "3"])).sample_batch == 3
 
 
-@pytest.mark.slow  # an ONNX export
-def test_a_loaded_export_called_on_fewer_images_at_a_time_gives_the_maps_of_one_call(tmp_path):
+# Each export format: how it is written, and how it is loaded with a given sample_batch.
+EXPORTS = {
+    "onnx": (fastattr.export_onnx, lambda path, sample_batch: fastattr.OnnxExplainer(path, sample_batch=sample_batch)),
+    "pt2": (fastattr.export_program,
+            lambda path, sample_batch: fastattr.load_program(path, trusted=True, sample_batch=sample_batch)),
+}
+
+
+@pytest.mark.slow  # an export
+@pytest.mark.parametrize("fmt", EXPORTS)
+def test_a_loaded_export_called_on_fewer_images_at_a_time_gives_the_maps_of_one_call(tmp_path, fmt):
+    export, load = EXPORTS[fmt]
     net = model("mini-resnet18")
-    path = fastattr.export_onnx(net, tmp_path / "sg-ig.onnx", methods=("smoothgrad", "ig"), k=2,
-                                input_shape=(3, 64, 64), **POINTS)
+    path = export(net, tmp_path / f"sg-ig.{fmt}", methods=("smoothgrad", "ig"), k=2, input_shape=(3, 64, 64), **POINTS)
     x = images(5)
-    whole = fastattr.OnnxExplainer(path, sample_batch=None)
+    whole = load(path, None)
     for sample_batch in (1, 20):  # one image a call (7 and 9 points each), then two
         calls = []
-        chunked = fastattr.OnnxExplainer(path, sample_batch=sample_batch)
+        chunked = load(path, sample_batch)
         chunked._run = lambda *args, run=chunked._run: calls.append(args[0].shape[0]) or run(*args)
         got, want = chunked(x), whole(x)
         assert calls == ([1] * 5 if sample_batch == 1 else [2, 2, 1])

@@ -359,6 +359,32 @@ def test_a_batch_of_top_k_and_named_requests_is_answered_as_direct_calls(weights
     assert body["maps"]["gradcam"][0]["shape"] == [32, 32] and body["maps"]["gradcam"][0]["dtype"] == "uint8"
 
 
+@pytest.mark.parametrize("methods, sample_batch, asked, served", [
+    ("gradcam, smoothgrad", 4, 16, 4),   # a sampled method: at most sample_batch requests
+    ("ig", 4, 2, 2),                     # fewer asked than sample_batch: as asked
+    ("occlusion", None, 32, 16),         # a perturbation method: the default sample_batch
+    ("gradcam, saliency", 4, 64, 64),    # one pass per batch: nothing multiplies it
+])
+def test_a_server_batches_at_most_sample_batch_requests_when_its_methods_multiply_each_image(
+        methods, sample_batch, asked, served):
+    pipeline = build(Spec("resnet18", methods=methods, input_size=64, sample_batch=sample_batch))
+    assert fserve.batch_size(pipeline, asked) == served
+
+
+def test_a_batch_of_the_served_size_sends_no_chunk_larger_than_sample_batch_through_the_network(weights):
+    pipeline = build(Spec("resnet18", str(weights), methods="smoothgrad", input_size=32, samples=3, sample_batch=4))
+    cat = fserve.load_image(photo("chelsea.png"), 32, MAX_BYTES, MAX_PIXELS)
+    query = fserve.Query(1, None, ("smoothgrad",), "none")
+    sizes = []
+    stem = pipeline._explain.model.conv1.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    try:
+        answers = fserve.answer_batch(pipeline, [(cat, query)] * fserve.batch_size(pipeline, 16))
+    finally:
+        stem.remove()
+    # Four requests, one noisy copy of each per chunk: every forward holds four images, never 16.
+    assert len(answers) == 4 and sizes and set(sizes) == {4}
+
+
 def test_a_named_class_out_of_range_is_a_400_from_the_same_check_as_the_apis(weights):
     pipeline = build(Spec("resnet18", str(weights), methods="gradcam", input_size=32))
     with pytest.raises(fserve.RequestError, match=r"classes: index 1000 out of range .*\(valid 0..999\)") as refused:

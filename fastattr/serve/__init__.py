@@ -36,7 +36,8 @@ that is not a readable image (or is truncated) and for a bad option, 413 for an 
 max_pixels, 404 and 405 for another path or HTTP method. A bad request never reaches a batch, so it cannot
 affect the others.
 
-Batching is exact: requests that arrive within `batch_wait_ms` of a batch's first (up to `max_batch_size`) run as
+Batching is exact: requests that arrive within `batch_wait_ms` of a batch's first (up to `max_batch_size`, at most
+`sample_batch` when SmoothGrad, IG or a perturbation method is served: `batch_size`) run as
 one batch, in at most two passes, one for the top-k requests (at the largest k among them: a top-k list is a
 prefix of a longer one) and one for those naming classes (each row padded to the longest by repeating its last
 class), and each answer is what `fastattr.Explainer` returns for that image alone: the same classes,
@@ -48,9 +49,9 @@ onnxruntime: its k, input size and methods are the file's, and naming classes ne
 """
 
 from .app import DEFAULTS, DEPLOYMENT, SERVER_OPTIONS, ExplainService, app, app_options
-from .batching import Answer, Query, answer_batch
+from .batching import Answer, Query, answer_batch, batch_size
 from .command import add_arguments, run
 from .http import RequestError, load_image, parse_query, read_request, to_json
 
-__all__ = ["ExplainService", "app", "app_options", "add_arguments", "run", "answer_batch", "parse_query", "load_image",
+__all__ = ["ExplainService", "app", "app_options", "add_arguments", "run", "answer_batch", "batch_size", "parse_query", "load_image",
            "read_request", "to_json", "Answer", "Query", "RequestError", "DEFAULTS", "DEPLOYMENT", "SERVER_OPTIONS"]

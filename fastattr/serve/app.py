@@ -22,7 +22,7 @@ from .. import zoo
 from ..pipeline import Pipeline, build, check_trusted, task_of
 from ..errors import FastattrError, InputError
 from ..options import convert, spec_from_args, spec_options
-from .batching import Answer, Query, answer_batch
+from .batching import Answer, Query, answer_batch, batch_size
 from . import v2
 from .http import RequestError, load_image, parse_query, read_body, read_request, to_json
 
@@ -51,7 +51,8 @@ class Option:
 # The server's own arguments, declared once: `fastattr serve` makes its options from this table.
 SERVER_OPTIONS: dict[str, Option] = {
     "max_k": Option(5, int, 1, "most classes one request may ask for (default: 5)"),
-    "max_batch_size": Option(16, int, 1, "most requests explained in one batch (default: 16)"),
+    "max_batch_size": Option(16, int, 1, "most requests explained in one batch (default: 16; at most --sample-batch "
+                                         "when smoothgrad, ig or a perturbation method is served)"),
     "batch_wait_ms": Option(10.0, float, 0, "how long a batch waits for more requests after its first (default: 10)"),
     "max_bytes": Option(10_000_000, int, 1, "largest image file accepted, in bytes (default: 10000000); larger ones "
                                             "get 413"),
@@ -69,7 +70,8 @@ class ExplainService:
 
     Args: a spec's (model, weights, layer, methods, onnx, compile, device, backend, input_size, samples, noise,
     steps, sample_batch, trusted; see `fastattr.build.Spec`), then max_k, max_batch_size and batch_wait_ms (the dynamic batching: a
-    batch runs when it is full or when its first request has waited this long), max_bytes and max_pixels
+    batch runs when it is full or when its first request has waited this long; at most sample_batch requests
+    when sampled or perturbed methods are served, `batching.batch_size`), max_bytes and max_pixels
     (larger images are answered 413).
 
     >>> handle = serve.run(serve.deployment(ExplainService).bind(model="resnet18", max_batch_size=8))  # doctest: +SKIP
@@ -95,14 +97,19 @@ class ExplainService:
         if p.backend == "compiled":
             p.warmup(k=self.max_k)
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        size = batch_size(p, max_batch_size)
         # @serve.batch applied per instance, so that the batch size and wait are start-up options.
-        self.explain_batch = serve.batch(max_batch_size=max_batch_size,
+        self.explain_batch = serve.batch(max_batch_size=size,
                                          batch_wait_timeout_s=batch_wait_ms / 1000)(self._explain_batch)
         self.settings = {"backend": p.backend, "model": _shown_model(p), "methods": list(p.methods), "layer": p.layer,
                          "max_k": self.max_k,
                          "num_classes": p.num_classes, "input_size": p.input_size, "named_classes": p.takes_classes,
-                         "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "max_bytes": max_bytes,
+                         "max_batch_size": size, "batch_wait_ms": batch_wait_ms, "max_bytes": max_bytes,
                          "max_pixels": max_pixels, "torch_threads": torch.get_num_threads()}
+        if size < max_batch_size:  # a client reading the settings learns why its batches are smaller than asked
+            self.settings["max_batch_size_asked"] = max_batch_size
+            self.settings["max_batch_size_why"] = (f"at most sample_batch ({p.sample_batch}): the methods served "
+                                                   "multiply each image, in chunks of that many images")
         log.info("fastattr: serving %s", self.settings)
 
     async def _explain_batch(self, items: list[tuple[Tensor, Query]]) -> list[Answer]:

@@ -3,7 +3,7 @@
 Batching is exact: the requests of a batch run in at most two passes, one for the top-k requests (at the
 largest k among them: a top-k list is a prefix of a longer one) and one for those naming classes (each row
 padded to the longest by repeating its last class), and each answer is what the pipeline returns for that
-image alone.
+image alone. A batch holds at most `batch_size` requests.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import images as _images
+from .. import images as _images, methods as _methods
 from ..errors import TargetError
 from ..pipeline import Pipeline
 
-__all__ = ["Query", "Answer", "answer_batch"]
+__all__ = ["Query", "Answer", "answer_batch", "batch_size"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,19 @@ class Answer:
     maps: dict[str, Tensor]
     batch_size: int
     error: str | None = None  # why the target refused this image (a detector with fewer detections than asked)
+
+
+def batch_size(pipeline: Pipeline, max_batch_size: int) -> int:
+    """The most requests a server explains in one batch: `max_batch_size`, but at most the pipeline's `sample_batch`
+    when it serves a method that multiplies each image (SmoothGrad, IG, the perturbation methods). Those run their
+    copies in chunks of max(N, sample_batch) images on the eager backend, so a batch of more requests than
+    sample_batch would make every chunk larger than the one that bounds the server's memory.
+
+    >>> batch_size(build(Spec("resnet18", methods="gradcam, ig", sample_batch=4)), 16)   # doctest: +SKIP
+    4
+    """
+    multiplies = _methods.sampled(pipeline.methods) + _methods.perturbed(pipeline.methods)
+    return min(max_batch_size, pipeline.sample_batch) if multiplies else max_batch_size
 
 
 def answer_batch(pipeline: Pipeline, items: Sequence[tuple[Tensor, Query]], fixed_k: int | None = None) -> list[Answer]:

@@ -9,8 +9,9 @@ served by `kserve.ModelServer`, built from a spec as every front end is (`fastat
 Requests are checked before any batching (the /explain and V2 checks and messages) and refused with KServe's
 `{"error": message}` and 400 (KServe has no other status for bad input: an image over the limits, or one a
 detector finds too few detections in, is a 400 here); the images of all requests then share dynamic batches
-(`Batcher`: at most `max_batch_size` images, waiting at most `batch_wait_ms` after the first), each answer
-exactly the Ray Serve app's. Needs the `kserve` extra.
+(`Batcher`: at most `max_batch_size` images, or `sample_batch` for the methods that multiply each image,
+waiting at most `batch_wait_ms` after the first), each answer exactly the Ray Serve app's. Needs the `kserve`
+extra.
 
 >>> start(FastattrModel(Spec("resnet50", "r50.pth")), "127.0.0.1", 8080)        # until stopped   # doctest: +SKIP
 """
@@ -41,7 +42,7 @@ finally:
 from ..errors import InputError
 from ..pipeline import Spec, build, task_of
 from . import v2
-from .batching import Answer, Query, answer_batch
+from .batching import Answer, Query, answer_batch, batch_size
 from .http import RequestError, load_image, parse_query, to_json
 
 __all__ = ["FastattrModel", "Batcher", "start"]
@@ -114,7 +115,9 @@ class FastattrModel(kserve.Model):
         if p.backend == "compiled":
             p.warmup(k=self.max_k)
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
-        self.batch = Batcher(lambda items: answer_batch(p, items, fixed_k), max_batch_size, batch_wait_ms)
+        # As the Ray Serve app: at most sample_batch images a batch when the methods multiply each image.
+        self.batch = Batcher(lambda items: answer_batch(p, items, fixed_k), batch_size(p, max_batch_size),
+                             batch_wait_ms)
         self.ready = True
 
     def load(self) -> bool:
