@@ -282,7 +282,7 @@ METHODS: dict[str, Method] = {
 }
 
 
-# The reads made by forwarding many perturbed copies (`fastattr.perturb`): no gradient, and no export yet.
+# The reads made by forwarding many perturbed copies (`fastattr.perturb`): no gradient.
 PERTURBED = frozenset({"ablated_scores", "masked_scores", "occlusion_drops"})
 # The perturbation reads whose copies go through the whole model: no export holds them (an exported graph has
 # no chunks). Ablation-CAM's copies go through the head above the layer only, which an export may hold.

@@ -53,5 +53,5 @@ from .batching import Answer, Query, answer_batch, batch_size
 from .command import add_arguments, run
 from .http import RequestError, load_image, parse_query, read_request, to_json
 
-__all__ = ["ExplainService", "app", "app_options", "add_arguments", "run", "answer_batch", "batch_size", "parse_query", "load_image",
-           "read_request", "to_json", "Answer", "Query", "RequestError", "DEFAULTS", "DEPLOYMENT", "SERVER_OPTIONS"]
+__all__ = ["ExplainService", "app", "app_options", "add_arguments", "run", "answer_batch", "batch_size", "parse_query",
+           "load_image", "read_request", "to_json", "Answer", "Query", "RequestError", "DEFAULTS", "DEPLOYMENT", "SERVER_OPTIONS"]
