@@ -62,8 +62,8 @@ def table(data: dict) -> str:
 
 def forward_bound_table(data: dict) -> str:
     """The table of a forward-bound run (benchmarks/test_perturbation.py): each case's images/s, its forwards per
-    image, the fraction of the forward-bound limit it reaches (images/s x forwards per image / plain inference's
-    images/s) and its speed against the other cases of its group (the peers)."""
+    image, the fraction of the forward-bound limit it reaches (images/s x forwards per image / its model's plain
+    inference images/s) and its speed against the other cases of its group (the peers)."""
     per_case: dict[str, list[float]] = defaultdict(list)
     meta: dict[str, dict] = {}
     for bench in data["benchmarks"]:
@@ -72,7 +72,8 @@ def forward_bound_table(data: dict) -> str:
             per_case[info["case"]].append(info["images_per_s"])
             meta[info["case"]] = info
     median = {case: statistics.median(v) for case, v in per_case.items()}
-    plain = median.get("plain-inference")
+    # Each model's limit is its own plain inference.
+    plain = {meta[c]["model"]: v for c, v in median.items() if meta[c]["group"].startswith("plain inference")}
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "?"))
     lines = [f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores; torch "
@@ -82,7 +83,9 @@ def forward_bound_table(data: dict) -> str:
              "|---|---|---|---|---|---|"]
     for case, value in median.items():
         info = meta[case]
-        limit = f"{value * info['forwards_per_image'] / plain:.2f}" if plain and case != "plain-inference" else "-"
+        base = plain.get(info["model"])
+        limit = f"{value * info['forwards_per_image'] / base:.2f}" if base and not info["group"].startswith(
+            "plain inference") else "-"
         others = [(c, median[c]) for c in median if c != case and meta[c]["group"] == info["group"]]
         versus = ", ".join(f"{value / v:.1f}x {c}" for c, v in others) or "-"
         lines.append(f"| {info['group']} | {case} | {value:.3f} | {info['forwards_per_image']} | {limit} | {versus} |")
