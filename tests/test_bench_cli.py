@@ -45,6 +45,7 @@ def eager_run(tmp_path_factory):
     return code, stdout.getvalue(), json.loads(path.read_text())
 
 
+@pytest.mark.xdist_group("bench-eager-run")  # the module's eager_run is made once
 def test_a_run_writes_json_with_one_row_of_positive_numbers_per_batch_size(eager_run):
     code, _, report = eager_run
     assert code == 0
@@ -62,6 +63,7 @@ def test_a_run_writes_json_with_one_row_of_positive_numbers_per_batch_size(eager
     assert meta["torch"] == torch.__version__ and meta["threads"] == torch.get_num_threads()
 
 
+@pytest.mark.xdist_group("bench-eager-run")  # the module's eager_run is made once
 def test_the_table_has_the_header_and_one_line_per_batch_size(eager_run):
     _, stdout, report = eager_run
     lines = stdout.strip().splitlines()

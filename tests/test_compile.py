@@ -135,6 +135,7 @@ def program_path(tmp_path_factory):
     return path
 
 
+@pytest.mark.xdist_group("compile-program")  # the module's program_path is made once
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_loaded_program_equals_eager_for_any_batch_size(program_path, n):
@@ -144,6 +145,7 @@ def test_a_loaded_program_equals_eager_for_any_batch_size(program_path, n):
     assert_same_explanation(program(x), want)
 
 
+@pytest.mark.xdist_group("compile-program")  # the module's program_path is made once
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
 def test_a_saved_program_runs_in_a_fresh_process_without_fastattr_or_the_model_class(program_path, tmp_path):
     x = images(2, seed=9)
@@ -195,6 +197,7 @@ WRONG_INPUTS = [
 ]
 
 
+@pytest.mark.xdist_group("compile-program")  # the module's program_path is made once
 @pytest.mark.slow  # torch.compile or torch.export of a whole model
 @pytest.mark.parametrize("call,message", WRONG_INPUTS)
 def test_a_program_refuses_inputs_it_was_not_exported_for(program_path, call, message):

@@ -18,7 +18,8 @@ import fastattr
 from fastattr import bench, cli, files, images, zoo
 from fastattr.pipeline import Spec, build
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs the module, so its exports (the `specs` fixture) are made once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("front-ends")]
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 PHOTOS = [EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png"]

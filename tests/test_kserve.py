@@ -27,7 +27,8 @@ requests = pytest.importorskip("requests")
 import fastattr  # noqa: E402
 from fastattr import images, zoo  # noqa: E402
 
-pytestmark = pytest.mark.slow  # a server process
+# A server process, started once: one pytest-xdist worker runs the module.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kserve")]
 EXAMPLES = Path(__file__).parents[1] / "examples"
 SIZE = 64
 

@@ -20,8 +20,10 @@ from test_compile import WRONG_INPUTS, assert_same_explanation
 
 # Six architecture families at reduced depth (tests/models.py's MINI_ARCHS: the same classes and ops in a graph
 # a fraction of the size, so the suite stays within its time; whole models in docs/export.md and the benchmarks).
-ONNX_ARCHS = ["mini-resnet18", "mini-vgg11_bn", "mini-mobilenet_v3_small", "mini-efficientnet_b0",
-              "mini-densenet121", "mini-convnext_tiny"]
+# The tests reading the one mini-resnet18 export run in one pytest-xdist worker, which makes it once.
+ONE_EXPORT = pytest.mark.xdist_group("onnx-mini-resnet18")
+ONNX_ARCHS = [pytest.param("mini-resnet18", marks=ONE_EXPORT), "mini-vgg11_bn", "mini-mobilenet_v3_small",
+              "mini-efficientnet_b0", "mini-densenet121", "mini-convnext_tiny"]
 LAYERS = {**ARCHS, **MINI_ARCHS}
 
 
@@ -48,6 +50,7 @@ def test_onnxruntime_equals_the_torch_path_for_batch_1_and_3_from_one_file(expor
         assert_same_explanation(explainer(x), eager(x, k=3))
 
 
+@ONE_EXPORT
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_the_exported_file_passes_the_full_onnx_check_with_a_dynamic_batch(exports):
     path = exports("mini-resnet18")
@@ -60,6 +63,7 @@ def test_the_exported_file_passes_the_full_onnx_check_with_a_dynamic_batch(expor
     assert not any(n.op_type.endswith("Backward") for n in graph.node)
 
 
+@ONE_EXPORT
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_weights_are_stored_once(exports):
     path = exports("mini-resnet18")
@@ -107,6 +111,7 @@ def test_a_vmapped_k_that_would_fix_the_batch_is_refused_with_the_fix(tmp_path):
                              input_shape=(3, 64, 64), k_form="vmap")
 
 
+@ONE_EXPORT
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_concurrent_runs_equal_sequential_runs(exports):
     import threading
@@ -124,6 +129,7 @@ def test_concurrent_runs_equal_sequential_runs(exports):
         assert torch.equal(g.classes, w.classes) and torch.equal(g.maps["gradcam"], w.maps["gradcam"])
 
 
+@ONE_EXPORT
 @pytest.mark.slow  # an ONNX export of a whole model
 @pytest.mark.parametrize("call,message", WRONG_INPUTS)
 def test_wrong_inputs_are_refused_with_the_expected_shape(exports, call, message):
@@ -222,6 +228,7 @@ def test_a_convolutions_input_gradient_equals_autograds_as_a_conv_or_a_transpose
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@ONE_EXPORT
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_unstrided_convolution_gradients_export_as_convs_and_relu_gradients_as_products(exports):
     # With both, onnxruntime's call of resnet18's saliency at batch 16 went from 657-709 ms to 504-516 ms
@@ -270,6 +277,7 @@ def test_weights_can_live_beside_the_file_as_external_data(tmp_path):
     assert_same_explanation(fastattr.OnnxExplainer(path)(x), fastattr.Explainer(model("mini-resnet18"), layer="layer4")(x, k=2))
 
 
+@ONE_EXPORT
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(exports):
     graph = onnx.load(str(exports("mini-resnet18"))).graph
@@ -283,6 +291,7 @@ def test_constants_are_folded_except_where_folding_would_store_a_weight_twice(ex
     assert sorted(foldable) == sorted([("Transpose", [512 * 1000])] + [("Reshape", [n, 5]) for n in unstrided])
 
 
+@ONE_EXPORT
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_maps_are_upsampled_by_two_matmuls_not_by_a_resize_or_index_gathers(exports):
     # Traced through autograd, a bilinear resize becomes four GatherNDs: resnet18's top-5 Grad-CAM in onnxruntime
@@ -309,6 +318,7 @@ def test_a_resize_as_interpolation_matrices_equals_torchs_bilinear_resize(align_
     torch.testing.assert_close(traced(maps), upsample(maps), rtol=0, atol=1e-15)
 
 
+@ONE_EXPORT
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_the_classifiers_backward_gathers_the_classes_weight_rows_instead_of_multiplying_by_one_hots(exports):
     # One-hot cotangents [K * N, 1000] times the weight [1000, 512] in resnet18: the same numbers as a row gather.
