@@ -348,12 +348,13 @@ def test_ablation_cam_exports_to_onnx_with_the_maps_derived_by_hand(tmp_path):
 
 
 def test_a_loaded_ablation_cam_program_takes_an_image_a_call_and_gives_the_explainers_maps(tmp_path):
-    # Two ablated copies of [1, 2, 2] plus the head's work on them hold 4 images' worth of memory, so with
-    # sample_batch=3 the program is called on one image at a time; the maps are those of the Explainer.
+    # In float32, two ablated copies of A (64 bytes) and the head's work on them (96 bytes, as the test below
+    # counts in float64) hold ten images' worth (16 bytes each), so with sample_batch=3 the program is called on
+    # one image at a time; the maps are those of the Explainer.
     net, x = tiny_net().float(), X.float().repeat(3, 1, 1, 1) * torch.tensor([1.0, -2.0, 3.0]).view(3, 1, 1, 1)
     path = fastattr.export_program(net, tmp_path / "t.pt2", methods=("ablationcam",), k=2, input_shape=(1, 2, 2), **RAW)
     program = fastattr.load_program(path, trusted=True, sample_batch=3)
-    assert program.meta["ablated_images_worth"] == 4
+    assert program.meta["ablated_images_worth"] == 10
     calls = []
     run = program._run
     program._run = lambda *args: calls.append(args[0].shape[0]) or run(*args)
