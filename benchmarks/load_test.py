@@ -20,14 +20,18 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import json
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -116,39 +120,46 @@ def served(url: str, photos: list[bytes], expected, clients: int, requests_n: in
             "mean_batch_size": statistics.mean(r[3] for r in results if r[3]) if any(r[3] for r in results) else 0}
 
 
-def served_by_kserve(args: argparse.Namespace, weights: str, url: str, photos: list[bytes], expected) -> dict:
-    """Start `fastattr serve --kserve` (kserve.ModelServer, its own process, loopback) and load it."""
-    import subprocess
-
+@contextlib.contextmanager
+def server_process(command: list[str], url: str, log: BinaryIO, time_limit: float) -> Iterator[subprocess.Popen]:
+    """Run a server `command` in its own process (output to `log`), wait until `url`/v2/health/ready answers 200
+    (at most `time_limit` seconds; a server that exits or stays unready raises with the end of its log), and stop
+    it after: what this load test and tests/test_kserve.py both do to a `fastattr serve --kserve`."""
     import requests
 
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + time_limit
+        while True:
+            try:
+                if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"the server is not ready: {log.read().decode(errors='replace')[-2000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def served_by_kserve(args: argparse.Namespace, weights: str, url: str, photos: list[bytes], expected) -> dict:
+    """Start `fastattr serve --kserve` (kserve.ModelServer, its own process, loopback) and load it."""
     port = url.rsplit(":", 1)[1]
     command = [sys.executable, "-m", "fastattr", "serve", "--kserve", "--model", args.model, "--weights", weights,
                "--input-size", str(args.input_size), "--methods", "gradcam", "--max-k", str(K), "--port", port,
                "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
                *(["--backend", "compiled"] if args.backend == "compiled" else [])]
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + args.time_limit
-            while True:
-                try:
-                    if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"the KServe server is not ready: {log.read().decode()[-2000:]}")
-                time.sleep(0.5)
-            served(url, photos, expected, args.clients, args.max_batch_size, args.time_limit, kserve=True)  # warm-up
-            return served(url, photos, expected, args.clients, args.requests, args.time_limit, kserve=True)
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    with tempfile.TemporaryFile() as log, server_process(command, url, log, args.time_limit):
+        served(url, photos, expected, args.clients, args.max_batch_size, args.time_limit, kserve=True)  # warm-up
+        return served(url, photos, expected, args.clients, args.requests, args.time_limit, kserve=True)
 
 
 def run_config(args: argparse.Namespace, weights: str) -> dict:

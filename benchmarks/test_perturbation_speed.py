@@ -30,6 +30,7 @@ import torch
 import fastattr
 from fastattr import metrics
 from harness import COMPILE_BACKEND, FULL, SIZE, images, model, run
+from peer_adapters import GivenMaps
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
 
@@ -136,23 +137,6 @@ def torchcam_deletion_insertion_case(name: str):
         peer.update(x, class_idx=target)
         return peer.summary()
     return both
-
-
-class GivenMaps:
-    """A torchcam CAM extractor handing torchcam's metric fastattr's map, so both score the same map."""
-
-    def __init__(self, net, maps):
-        self.model, self.maps = net, maps
-
-    def __call__(self, class_idx=None, scores=None, normalized=True, **_):
-        return [self.maps]
-
-    def fuse_cams(self, cams):
-        return cams[0]
-
-    def _hooks_off(self):
-        import contextlib
-        return contextlib.nullcontext()
 
 
 def road_case(name: str):

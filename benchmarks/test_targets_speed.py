@@ -17,6 +17,7 @@ import torchvision
 import fastattr
 from fastattr import targets
 from harness import FULL, run
+from peer_adapters import OutMap
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmarks")]
 
@@ -37,15 +38,6 @@ def image() -> torch.Tensor:
 def fastattr_case():
     explainer = fastattr.Explainer(deeplab(), LAYER, "gradcam", output=targets.segmentation())
     return lambda: explainer(image(), k=K)
-
-
-class OutMap(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)["out"]
 
 
 def grad_cam_case():

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import pipeline
 from .errors import FastattrError
-from .options import add_spec_arguments, spec_from_args, usage_error
+from .options import add_metric_arguments, add_spec_arguments, spec_from_args, usage_error
 
 __all__ = ["add_arguments", "run", "latency_stats", "settings_of", "target_of", "Settings", "Target"]
 
@@ -68,11 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write the rows and the settings to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--metric", metavar="NAME",
-                        help="time this faithfulness metric (fastattr.metrics: deletion, insertion, road, ...) of "
-                             "the first method's maps, made once per batch size, instead of explaining")
-    parser.add_argument("--metric-steps", type=int, default=32, metavar="N",
-                        help="with --metric: steps of the deletion and insertion curves (default 32)")
+    add_metric_arguments(parser, "--metric", "time this faithfulness metric (fastattr.metrics: deletion, insertion, "
+                         "road, ...) of the first method's maps, made once per batch size, instead of explaining")
 
 
 def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, float]:

@@ -23,7 +23,7 @@ from . import zoo
 from .pipeline import DEFAULTS, Spec, build, export as export_spec, load_model, task_of
 from .errors import FastattrError, InputError
 from .layers import default_layer, layers
-from .options import add_spec_arguments, spec_from_args, usage_error
+from .options import add_metric_arguments, add_spec_arguments, spec_from_args, usage_error
 
 __all__ = ["main"]
 
@@ -122,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     add_spec_arguments(xp)
     xp.add_argument("--batch-size", type=int, default=8)
     xp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    xp.add_argument("--metrics", metavar="LIST",
-                    help="faithfulness metrics per image, class and method, written to results.jsonl: any of "
-                         "deletion, insertion (curve areas), road, average-drop, increase-in-confidence (fastattr.metrics)")
-    xp.add_argument("--metric-steps", type=int, default=32, metavar="N",
-                    help="with --metrics: steps of the deletion and insertion curves (default 32)")
+    add_metric_arguments(xp, "--metrics", "faithfulness metrics per image, class and method, written to results.jsonl: "
+                         "any of deletion, insertion (curve areas), road, average-drop, increase-in-confidence "
+                         "(fastattr.metrics)")
     xp.add_argument("--ray", action="store_true",
                     help="run on Ray Data and write Parquet (OUTDIR/parquet) instead of PNGs; needs fastattr[ray]")
     xp.add_argument("--address", help="with --ray: an existing Ray cluster (default: a local one for this run)")

@@ -64,6 +64,14 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, backends: Sequence[st
         parser.add_argument(flag, **arguments)
 
 
+def add_metric_arguments(parser: argparse.ArgumentParser, metric_flag: str, description: str) -> None:
+    """The faithfulness-metric options `fastattr explain` (--metrics) and `fastattr bench` (--metric) share: the
+    metric flag itself, and the steps of the deletion and insertion curves."""
+    parser.add_argument(metric_flag, metavar="LIST" if metric_flag.endswith("s") else "NAME", help=description)
+    parser.add_argument("--metric-steps", type=int, default=32, metavar="N",
+                        help=f"with {metric_flag}: steps of the deletion and insertion curves (default 32)")
+
+
 def convert(name: str, value: Any) -> Any:
     """A spec option's value from a string (`serve run`'s arguments) or a YAML value, by its declared kind: None,
     "", "none" and "None" are not given (None), except for a yes/no option; numbers from strings; other values

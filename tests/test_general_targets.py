@@ -18,6 +18,7 @@ from torch import nn
 import fastattr
 from fastattr import reference, targets
 from models import images, mini_fcn, model, segmenter
+from peer_adapters import OutMap
 
 TOL = 1e-8
 # name -> a layer with a spatial map of a few cells at 64x64 (the backbones run at output stride 16 or more).
@@ -286,17 +287,6 @@ def pytorch_grad_cam_maps(net, layer, x, targets_per_class):
         with pytorch_grad_cam.GradCAM(model=net, target_layers=[net.get_submodule(layer)]) as cam:
             maps.append(cam(input_tensor=x, targets=per_image))
     return torch.from_numpy(np.stack(maps, 1))
-
-
-class OutMap(nn.Module):
-    """A torchvision segmentation model's `["out"]`, as pytorch-grad-cam's segmentation tutorial wraps it."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)["out"]
 
 
 def test_segmentation_with_a_mask_equals_pytorch_grad_cams_semantic_segmentation_target():

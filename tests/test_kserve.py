@@ -8,14 +8,12 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 # The server runs in a process of its own; this one needs only to know that kserve is installed (importing it here
 # would let it parse pytest's command line).
@@ -26,6 +24,7 @@ requests = pytest.importorskip("requests")
 
 import fastattr  # noqa: E402
 from fastattr import images, zoo  # noqa: E402
+from load_test import server_process  # noqa: E402  (benchmarks/, on the path from tests/conftest.py)
 
 # A server process, started once: one pytest-xdist worker runs the module.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kserve")]
@@ -34,42 +33,16 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("kserve") / "resnet18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def url(weights, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("kserve-log") / "server.log"  # a file: KServe logs every request
-    with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "fastattr", "serve", "--kserve", "--model", "resnet18",
-                                   "--weights", str(weights), "--input-size", str(SIZE), "--port", str(port),
-                                   "--max-bytes", "700000", "--batch-wait-ms", "100"], stdout=out,
-                                  stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if requests.get(f"{address}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, log.read_text()
-            time.sleep(0.5)
+    command = [sys.executable, "-m", "fastattr", "serve", "--kserve", "--model", "resnet18", "--weights", str(weights),
+               "--input-size", str(SIZE), "--port", str(port), "--max-bytes", "700000", "--batch-wait-ms", "100"]
+    log = tmp_path_factory.mktemp("kserve-log") / "server.log"  # a file: KServe logs every request
+    with log.open("w+b") as out, server_process(command, address, out, time_limit=120):
         yield address
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from torch import nn
 import fastattr
 from fastattr import metrics
 from models import images, model
+from peer_adapters import GivenMaps
 
 
 def linear_net() -> nn.Module:
@@ -134,24 +135,6 @@ def test_confidence_change_equals_pytorch_grad_cams_cam_mult_image_confidence_ch
         theirs = CamMultImageConfidenceChange()(x, out.maps["gradcam"][:, j].numpy(),
                                                 [ClassifierOutputSoftmaxTarget(int(c)) for c in out.classes[:, j]], net)
         torch.testing.assert_close(ours[:, j], torch.from_numpy(theirs), rtol=0, atol=1e-6)
-
-
-class GivenMaps:
-    """A torchcam CAM extractor that hands torchcam's metrics fastattr's maps of one class, so that both score
-    the same maps (torchcam's `_CAMExtractor` protocol: the model, a call giving the maps, fusing, hooks off)."""
-
-    def __init__(self, net, maps):
-        self.model, self.maps = net, maps
-
-    def __call__(self, class_idx=None, scores=None, normalized=True, **_):
-        return [self.maps]
-
-    def fuse_cams(self, cams):
-        return cams[0]
-
-    def _hooks_off(self):
-        import contextlib
-        return contextlib.nullcontext()
 
 
 @pytest.mark.slow  # a peer's curves one image at a time

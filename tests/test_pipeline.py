@@ -3,20 +3,11 @@ test_front_ends.py)."""
 
 import pytest
 import torch
-import torchvision
 
 import fastattr
 from fastattr.pipeline import DEFAULTS, Spec, build, class_names, parse_methods
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("pipeline") / "resnet18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return str(path)
 
 
 def test_a_method_list_may_have_spaces_after_its_commas():

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
@@ -33,14 +32,6 @@ MAX_PIXELS = 500_000  # a 1000 x 1000 image does not
 
 def photo(name: str) -> bytes:
     return (EXAMPLES / name).read_bytes()
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("serve") / "resnet18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
