@@ -19,7 +19,7 @@ plain-inference images/s of its model by it. Peers on the same images, layer and
   forward and 18 imputed copies (19 forwards), its imputation solved in torch.
 Compiled cases (`-compiled`) compile each chunk's forward with inductor (the warm-up call compiles).
 resnet50 runs the groups whose peers finish in minutes: Score-CAM and pytorch-grad-cam's Ablation-CAM forward
-resnet50 2048 times an image (about 400 s a call here), so its Ablation-CAM is fastattr's alone.
+resnet50 2048 times an image, so its Ablation-CAM is fastattr's alone.
 """
 
 import importlib

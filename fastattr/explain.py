@@ -442,7 +442,14 @@ class Explainer:
 
     def ablation_cost(self, image: Tensor) -> perturb.AblationCost:
         """What Ablation-CAM's ablated copies of one image `[1, C, H, W]` cost when all run at once (see
-        `fastattr.perturb.ablation_cost`): what an export, which holds no chunks, checks before it holds them."""
+        `fastattr.perturb.ablation_cost`): what an export, which holds no chunks, checks before it holds them.
+
+        >>> Explainer(resnet18, "layer4", methods="ablationcam").ablation_cost(images[:1]).total_bytes  # doctest: +SKIP
+        """
+        if "ablated_scores" not in self.reads:
+            raise MethodError(f"ablation_cost: this explainer's methods {self.methods} do not include ablationcam")
+        self.check_images(image)
+        self.num_classes(image)  # checks the model takes the image, with an error naming the fix
         return perturb.ablation_cost(self.split, image, self._layout.channels_last)
 
     def _perturbed(self, images: Tensor, acts: Tensor, p: graph.Pass, classes: Tensor) -> dict:

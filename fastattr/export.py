@@ -42,8 +42,8 @@ _TRUST_HOW = "pass trusted=True if you made the file or trust whoever did (--tru
 # TMPDIR belongs to the whole process: one AOTInductor load at a time points it at a folder of its own.
 _TMPDIR_LOCK = threading.Lock()
 # An exported Ablation-CAM runs the head on all of an image's ablated copies at once (a loaded export then
-# takes fewer images a call): allowed while the copies and the head's work on them fit in 2 GiB an image,
-# as resnet50's at layer4 do at 224x224 and its at layer3 do not (docs/export.md).
+# takes fewer images a call): allowed while the copies and the head's work on them fit in 2 GiB an image, as
+# resnet50's at layer4 do at 224x224 and its at layer3 do not (benchmarks/results/ablation-export-cost.md).
 ABLATION_BYTES = 2 << 30
 
 
@@ -69,8 +69,8 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     # size would be specialised along with it (and N = 1 always is): take a batch size equal to none.
     n = next(n for n in (5, 7, 11, 13, 17, 19, 23) if n not in (k, *shape, explainer.samples, explainer.steps))
     example = torch.randn(n, *shape, dtype=param.dtype, device=param.device)
-    ablated = _check_small_head(explainer, example[:1]) if "ablationcam" in explainer.methods else None
     num_classes = explainer.num_classes(example)
+    ablated = _check_small_head(explainer, example[:1]) if "ablationcam" in explainer.methods else None
     targets.resolve(None, k, n, num_classes, example.device)  # checks k as every entry point does
 
     smooth, integrated = explainer.draws_noise, "path_grads" in explainer.reads
@@ -92,7 +92,7 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
             "inputs": ["images", *(["class_indices"] if with_classes else []), *(["noise"] if smooth else [])],
             "outputs": ["logits", "classes", *explainer.methods, *(["completeness"] if integrated else [])],
             "samples": explainer.samples, "seed": explainer.seed, "noise": explainer.noise, "steps": explainer.steps,
-            **({"ablated_images_worth": ablated.images_worth} if ablated else {})}
+            **({"ablation_forwards": ablated.forwards_worth} if ablated else {})}
     return attribution, example_args, meta
 
 
@@ -103,10 +103,10 @@ def _check_small_head(explainer: Explainer, image: Tensor) -> perturb.AblationCo
     cost = explainer.ablation_cost(image)
     if cost.total_bytes > ABLATION_BYTES:
         raise ExportError(f"methods: ablationcam's export runs the head above {explainer.layer!r} on the "
-                          f"{cost.channels} ablated copies of each image at once, which would hold "
-                          f"{cost.copy_bytes / 2**20:.0f} MiB of copies and {cost.head_bytes / 2**20:.0f} MiB of the "
-                          f"head's work an image (at most {ABLATION_BYTES >> 20} MiB); export at a layer nearer the "
-                          "output, or explain ablationcam with fastattr.Explainer, which runs the copies in chunks")
+                          f"{cost.channels} ablated copies of each image at once: {cost.copy_bytes / 2**20:.0f} MiB of "
+                          f"copies, and the head writes {cost.head_bytes / 2**20:.0f} MiB on them, an image (at most "
+                          f"{ABLATION_BYTES >> 20} MiB in all); export at a layer nearer the output, or explain "
+                          "ablationcam with fastattr.Explainer, which runs the copies in chunks")
     return cost
 
 
@@ -285,10 +285,10 @@ def _images_and_classes(meta: dict, images: Tensor, classes: Tensor | None) -> t
 def _in_chunks(meta: dict, sample_batch: int | None, args: tuple[Tensor, ...], run) -> Explanation:
     """`run(*args)` on at most max(1, sample_batch // points) images at a time, where `points` are the sampled copies
     of each image the export sends through the network (SmoothGrad's samples, IG's steps; Ablation-CAM's
-    copies count as the images' worth of memory they hold): the memory an Explainer's chunks bound, bounded
-    for an export by calling it on fewer images. Outputs are batch first."""
+    copies count as the forwards of images whose memory they take): the memory an Explainer's chunks bound,
+    bounded for an export by calling it on fewer images. Outputs are batch first."""
     points = max(meta["samples"] if "noise" in meta["inputs"] else 1,
-                 meta["steps"] if "completeness" in meta["outputs"] else 1, meta.get("ablated_images_worth", 1))
+                 meta["steps"] if "completeness" in meta["outputs"] else 1, meta.get("ablation_forwards", 1))
     n = args[0].shape[0]
     step = images_per_call(points, sample_batch, n)
     if step >= n:
@@ -304,6 +304,10 @@ def _check_sample_batch(sample_batch: int | None) -> int | None:
 def _checked(meta: dict, path: Path) -> dict:
     if meta.get("format") != FORMAT:
         raise InputError(f"path: {str(path)!r} holds format {meta.get('format')!r}, this fastattr reads {FORMAT!r}")
+    forwards = meta.get("ablation_forwards", 1)
+    if isinstance(forwards, bool) or not isinstance(forwards, int) or forwards < 1:
+        raise InputError(f"path: {str(path)!r} gives ablation_forwards {forwards!r}, not a positive integer; "
+                         "export the file again")
     return meta
 
 

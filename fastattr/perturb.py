@@ -130,15 +130,17 @@ def occlusion_drops(forward: Callable[[Tensor], Tensor], images: Tensor, classes
 
 
 class AblationCost(NamedTuple):
-    """What Ablation-CAM's copies of one image hold when they all run at once (an exported graph has no chunks)."""
+    """What Ablation-CAM's copies of one image take when they all run at once (an exported graph has no chunks)."""
 
     channels: int        # C: one ablated copy of the layer's activation per channel
-    copy_bytes: int      # the C copies of the activation
-    head_bytes: int      # what the head's operations write on the C copies (an upper bound of what they keep)
-    images_worth: int    # how many images the two hold the memory of, rounded up
+    copy_bytes: int      # the C copies of the activation, and of the values below the layer the head reads
+    head_bytes: int      # what the head's operations write on the C copies: at least what they keep at once
+    forward_bytes: int   # what one forward of the whole model writes for one image, the same way
+    forwards_worth: int  # (copy_bytes + head_bytes) / forward_bytes, rounded up: images' forwards the copies are worth
 
     @property
     def total_bytes(self) -> int:
+        """The copies and the head's work on them: the bound an export checks."""
         return self.copy_bytes + self.head_bytes
 
 
@@ -149,22 +151,33 @@ def channel_axis(acts: Tensor, channels_last: bool) -> int:
 
 def ablation_cost(s: Split, image: Tensor, channels_last: bool) -> AblationCost:
     """Measure, on one image `[1, C, H, W]`, the memory Ablation-CAM's C ablated copies and the head's work on
-    them take when all run at once. The head runs on one copy and on two: what two write beyond one is what
-    each copy adds (what the weights alone give, a transposed matrix say, is written once), counted C times."""
-    with torch.no_grad():
-        acts, *carried = s.trunk(image)
+    them take when all run at once, against one forward of the model. Each is run on one copy (image) and on two:
+    what two write beyond one is what each adds (what the weights alone give, a transposed matrix say, is written
+    once), and the head's and the copies' counts are taken C times."""
+
+    def per_copy(fn: Callable[..., object], *inputs: Tensor) -> int:
         written = []
         for copies in (1, 2):
-            inputs = [acts.repeat_interleave(copies, 0),
-                      *(c.repeat_interleave(copies, 0) if isinstance(c, Tensor) and c.ndim and c.shape[0] == 1 else c
-                        for c in carried)]
+            repeated = [t.repeat_interleave(copies, 0) if _per_image(t) else t for t in inputs]
             with _WrittenBytes() as mode:
-                s.head(*inputs)
+                fn(*repeated)
             written.append(mode.bytes)
+        return max(written[1] - written[0], 0)
+
+    with torch.no_grad():
+        acts, *carried = s.trunk(image)
+        head = per_copy(s.head, acts, *carried)
+        forward = per_copy(lambda x: s.head(*s.trunk(x)), image)
     channels = acts.shape[channel_axis(acts, channels_last)]
-    copy_bytes, head_bytes = channels * acts.numel() * acts.element_size(), channels * max(written[1] - written[0], 0)
-    return AblationCost(channels, copy_bytes, head_bytes,
-                        math.ceil((copy_bytes + head_bytes) / (image.numel() * image.element_size())))
+    copied = acts.numel() * acts.element_size() + sum(c.numel() * c.element_size() for c in carried if _per_image(c))
+    copy_bytes, head_bytes = channels * copied, channels * head
+    return AblationCost(channels, copy_bytes, head_bytes, forward,
+                        math.ceil((copy_bytes + head_bytes) / max(forward, 1)))
+
+
+def _per_image(value: object) -> bool:
+    # A value of the trunk's with the batch axis of the one image (what ablated_scores repeats with each copy).
+    return isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == 1
 
 
 class _WrittenBytes(TorchDispatchMode):

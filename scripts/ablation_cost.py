@@ -1,4 +1,4 @@
-"""What an exported Ablation-CAM holds per image (its ablated copies and the head's work on them) on random-weight
+"""What an exported Ablation-CAM takes per image (its ablated copies and what the head writes on them) on random-weight
 torchvision models at 224x224, and whether export takes it: the figures of
 benchmarks/results/ablation-export-cost.md.
 
@@ -21,24 +21,27 @@ CASES = [("resnet18", "layer4"), ("resnet18", "layer3"), ("resnet50", "layer4"),
 
 
 def main() -> None:
-    print("# What an exported Ablation-CAM holds per image\n")
+    print("# What an exported Ablation-CAM takes per image\n")
     cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
     print(f"Machine: {cpu.group(1) if cpu else platform.machine()}, {os.cpu_count()} cores, {platform.system()}; "
           f"Python {platform.python_version()}, torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}; random weights, one image [1, 3, 224, 224] float32.\n")
     print("Command: `.venv/bin/python scripts/ablation_cost.py` (`Explainer.ablation_cost`). An export runs the "
           "head above the layer on all C ablated copies of each image at once; it takes Ablation-CAM when the "
-          f"copies and the head's work on them fit in {ABLATION_BYTES >> 20} MiB an image "
-          "(`fastattr.export.ABLATION_BYTES`).\n")
-    print("| model | layer | channels | copies MiB | head's work MiB | total MiB | images' worth | exports |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"copies and what the head writes on them (at least what it keeps at once) fit in {ABLATION_BYTES >> 20} "
+          "MiB an image (`fastattr.export.ABLATION_BYTES`). A loaded export then takes max(1, sample_batch // "
+          "forwards' worth) images a call, where forwards' worth is that total over what one forward of the model "
+          "writes for one image.\n")
+    print("| model | layer | channels | copies MiB | head writes MiB | total MiB | a forward writes MiB | "
+          "forwards' worth | exports |")
+    print("|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     image = torch.rand(1, 3, 224, 224)
     for name, layer in CASES:
         net = getattr(torchvision.models, name)().eval()
         cost = fastattr.Explainer(net, layer, methods="ablationcam").ablation_cost(image)
         print(f"| {name} | {layer} | {cost.channels} | {cost.copy_bytes / 2**20:.0f} | {cost.head_bytes / 2**20:.0f} | "
-              f"{cost.total_bytes / 2**20:.0f} | {cost.images_worth} | "
+              f"{cost.total_bytes / 2**20:.0f} | {cost.forward_bytes / 2**20:.0f} | {cost.forwards_worth} | "
               f"{'yes' if cost.total_bytes <= ABLATION_BYTES else 'refused'} |")
 
 

@@ -61,7 +61,7 @@ def table(data: dict) -> str:
 
 
 def forward_bound_table(data: dict) -> str:
-    """The table of a forward-bound run (benchmarks/test_perturbation.py): each case's images/s, its forwards per
+    """The table of a forward-bound run (benchmarks/test_perturbation_speed.py): each case's images/s, its forwards per
     image, the fraction of the forward-bound limit it reaches (images/s x forwards per image / its model's plain
     inference images/s) and its speed against the other cases of its group (the peers)."""
     per_case: dict[str, list[float]] = defaultdict(list)

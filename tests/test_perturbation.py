@@ -348,13 +348,13 @@ def test_ablation_cam_exports_to_onnx_with_the_maps_derived_by_hand(tmp_path):
 
 
 def test_a_loaded_ablation_cam_program_takes_an_image_a_call_and_gives_the_explainers_maps(tmp_path):
-    # In float32, two ablated copies of A (64 bytes) and the head's work on them (96 bytes, as the test below
-    # counts in float64) hold ten images' worth (16 bytes each), so with sample_batch=3 the program is called on
-    # one image at a time; the maps are those of the Explainer.
+    # The copies and the head's work on them take two forwards' worth (the test below counts them, here in
+    # float32: 160 bytes against 112), so with sample_batch=3 the program is called on one image at a time; the
+    # maps are those of the Explainer.
     net, x = tiny_net().float(), X.float().repeat(3, 1, 1, 1) * torch.tensor([1.0, -2.0, 3.0]).view(3, 1, 1, 1)
     path = fastattr.export_program(net, tmp_path / "t.pt2", methods=("ablationcam",), k=2, input_shape=(1, 2, 2), **RAW)
     program = fastattr.load_program(path, trusted=True, sample_batch=3)
-    assert program.meta["ablated_images_worth"] == 10
+    assert program.meta["ablation_forwards"] == 2
     calls = []
     run = program._run
     program._run = lambda *args: calls.append(args[0].shape[0]) or run(*args)
@@ -368,8 +368,8 @@ def test_ablation_cam_whose_copies_would_not_fit_is_refused_by_export_naming_the
     # 1024 channels of 32x32 float32: 1024 copies of 4 MiB, 4096 MiB an image before the head runs.
     wide = nn.Sequential(nn.Conv2d(3, 1024, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1024, 3)).eval()
     with pytest.raises(fastattr.ExportError, match=r"ablationcam's export runs the head above '1' on the 1024 ablated "
-                                                   r"copies of each image at once, which would hold 4096 MiB of copies "
-                                                   r"and \d+ MiB of the head's work an image \(at most 2048 MiB\); "
+                                                   r"copies of each image at once: 4096 MiB of copies, and the head "
+                                                   r"writes \d+ MiB on them, an image \(at most 2048 MiB in all\); "
                                                    r"export at a layer nearer the output"):
         fastattr.export_onnx(wide, tmp_path / "w.onnx", layer="1", methods=("gradcam", "ablationcam"), k=1,
                              input_shape=(3, 32, 32))
@@ -377,12 +377,46 @@ def test_ablation_cam_whose_copies_would_not_fit_is_refused_by_export_naming_the
 
 
 def test_the_ablation_cost_counts_the_copies_and_what_the_head_writes_on_each():
-    # tiny_net at its layer: A is [1, 2, 2, 2] float64 (64 bytes), so two copies hold 128 bytes. The head
+    # tiny_net at its layer: A is [1, 2, 2, 2] float64 (64 bytes), so two copies take 128 bytes. The head
     # (pooling, flatten, linear) writes per copy: the clone of A (64), the pooled [2, 1, 1] (16) and the
-    # logits [2] (16); flatten is a view. 2 copies * 96 bytes.
+    # logits [2] (16); flatten is a view: 2 copies * 96 bytes. A forward writes the convolution's and the
+    # ReLU's outputs (64 each) and the head's 96: 224. (128 + 192) / 224 rounds up to two forwards' worth.
     cost = fastattr.Explainer(tiny_net(), methods="ablationcam", **RAW).ablation_cost(X)
-    assert (cost.channels, cost.copy_bytes, cost.head_bytes) == (2, 128, 192)
-    assert cost.images_worth == math.ceil((128 + 192) / 32)
+    assert cost == (2, 128, 192, 224, 2)
+
+
+class InPlaceHead(nn.Module):
+    """conv (the layer) -> in-place ReLU -> 2x2 max pool with its indices -> view -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 2, 1), nn.Linear(2, 2)
+
+    def forward(self, x):
+        values, _ = F.max_pool2d(torch.relu_(self.conv(x)), 2, return_indices=True)
+        return self.fc(values.view(-1, 2))
+
+
+def test_the_ablation_cost_leaves_out_in_place_results_and_views_and_counts_every_output_of_an_op():
+    # Per copy, float64: the clone of A (64), nothing for the in-place ReLU, the pooled values and their int64
+    # indices (16 + 16), nothing for the view, the linear layer's output (16): 112, times 2 channels. A forward
+    # adds the convolution's output (64): 176. (128 + 224) / 176 is two forwards' worth.
+    cost = fastattr.Explainer(InPlaceHead().double().eval(), "conv", "ablationcam").ablation_cost(X)
+    assert cost == (2, 128, 224, 176, 2)
+
+
+def test_the_ablation_cost_counts_the_skip_connection_each_copy_repeats():
+    # Cut at layer4.0.conv2 of the reduced resnet18 (64x64 images: layer4 is 2x2), the head reads the block's
+    # downsampled input [1, 512, 2, 2], made below the layer, and repeats it with each of the 512 ablated copies
+    # of the activation [1, 512, 2, 2]: 512 * (2048 + 2048) float32 values.
+    cost = fastattr.Explainer(model("mini-resnet18"), "layer4.0.conv2", "ablationcam").ablation_cost(images(1))
+    assert (cost.channels, cost.copy_bytes) == (512, 512 * (2048 + 2048) * 4)
+
+
+def test_the_ablation_cost_is_refused_for_an_explainer_without_ablation_cam():
+    with pytest.raises(fastattr.MethodError, match=r"ablation_cost: this explainer's methods \('gradcam',\) do not "
+                                                   r"include ablationcam"):
+        fastattr.Explainer(tiny_net(), methods="gradcam", **RAW).ablation_cost(X)
 
 
 def test_ablation_cam_on_a_model_torch_fx_cannot_trace_is_refused_naming_the_way_out():
