@@ -434,8 +434,7 @@ class Explainer:
                     raise
                 # torch.func differentiates the sampled points through the whole model: an autograd.Function
                 # without setup_context in it (torchvision's roi_align, in its detectors) cannot be.
-                sampled = [m for m in self.methods if set(_methods.METHODS[m].reads) & _methods.SAMPLED.keys()]
-                raise MethodError(f"methods: {', '.join(sampled)} differentiate the whole of {type(self.model).__name__} "
+                raise MethodError(f"methods: {', '.join(_methods.sampled(self.methods))} differentiate the whole of {type(self.model).__name__} "
                                   "with torch.func, and it holds an autograd.Function torch.func cannot differentiate "
                                   "(torchvision's detectors: roi_align); use the other methods") from None
         return values

@@ -70,7 +70,7 @@ def _prepare(model: nn.Module, layer: str | None, methods, k: int, input_shape: 
     n = next(n for n in (5, 7, 11, 13, 17, 19, 23) if n not in (k, *shape, explainer.samples, explainer.steps))
     example = torch.randn(n, *shape, dtype=param.dtype, device=param.device)
     num_classes = explainer.num_classes(example)
-    ablated = _check_small_head(explainer, example[:1]) if "ablationcam" in explainer.methods else None
+    ablated = _check_small_head(explainer, example[:1]) if "ablated_scores" in explainer.reads else None
     targets.resolve(None, k, n, num_classes, example.device)  # checks k as every entry point does
 
     smooth, integrated = explainer.draws_noise, "path_grads" in explainer.reads

@@ -289,19 +289,23 @@ PERTURBED = frozenset({"ablated_scores", "masked_scores", "occlusion_drops"})
 THROUGH_THE_MODEL = frozenset({"masked_scores", "occlusion_drops"})
 
 
+def _reading(names: tuple[str, ...], reads) -> tuple[str, ...]:
+    return tuple(name for name in names if set(METHODS[name].reads) & reads)
+
+
 def perturbed(names: tuple[str, ...]) -> tuple[str, ...]:
     """The named methods that read a perturbation pass (compiled forward by forward)."""
-    return tuple(name for name in names if set(METHODS[name].reads) & PERTURBED)
+    return _reading(names, PERTURBED)
 
 
 def unexportable(names: tuple[str, ...]) -> tuple[str, ...]:
     """The named methods no export holds: those that forward perturbed copies through the whole model."""
-    return tuple(name for name in names if set(METHODS[name].reads) & THROUGH_THE_MODEL)
+    return _reading(names, THROUGH_THE_MODEL)
 
 
 def sampled(names: tuple[str, ...]) -> tuple[str, ...]:
     """The named methods that read a sampled pass (`SAMPLED`: SmoothGrad's noisy copies, IG's path points)."""
-    return tuple(name for name in names if set(METHODS[name].reads) & SAMPLED.keys())
+    return _reading(names, SAMPLED.keys())
 
 
 def reads(names: tuple[str, ...]) -> frozenset[str]:

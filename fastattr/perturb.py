@@ -51,8 +51,7 @@ def ablated_scores(s: Split, acts: Tensor, carried: tuple | None, images: Tensor
 
     def forward(copies: Tensor) -> Tensor:
         repeat = copies.shape[0] // n
-        return head_of(copies, *(c.repeat_interleave(repeat, 0) if isinstance(c, Tensor) and c.ndim and c.shape[0] == n
-                                else c for c in carried))
+        return head_of(copies, *(c.repeat_interleave(repeat, 0) if _per_image(c, n) else c for c in carried))
 
     def copies(start: int, stop: int) -> Tensor:
         keep = 1 - F.one_hot(torch.arange(start, stop, device=acts.device), channels).to(acts.dtype)  # [P, C]
@@ -158,7 +157,7 @@ def ablation_cost(s: Split, image: Tensor, channels_last: bool) -> AblationCost:
     def per_copy(fn: Callable[..., object], *inputs: Tensor) -> int:
         written = []
         for copies in (1, 2):
-            repeated = [t.repeat_interleave(copies, 0) if _per_image(t) else t for t in inputs]
+            repeated = [t.repeat_interleave(copies, 0) if _per_image(t, 1) else t for t in inputs]
             with _WrittenBytes() as mode:
                 fn(*repeated)
             written.append(mode.bytes)
@@ -169,15 +168,15 @@ def ablation_cost(s: Split, image: Tensor, channels_last: bool) -> AblationCost:
         head = per_copy(s.head, acts, *carried)
         forward = per_copy(lambda x: s.head(*s.trunk(x)), image)
     channels = acts.shape[channel_axis(acts, channels_last)]
-    copied = acts.numel() * acts.element_size() + sum(c.numel() * c.element_size() for c in carried if _per_image(c))
+    copied = acts.numel() * acts.element_size() + sum(c.numel() * c.element_size() for c in carried if _per_image(c, 1))
     copy_bytes, head_bytes = channels * copied, channels * head
     return AblationCost(channels, copy_bytes, head_bytes, forward,
                         math.ceil((copy_bytes + head_bytes) / max(forward, 1)))
 
 
-def _per_image(value: object) -> bool:
-    # A value of the trunk's with the batch axis of the one image (what ablated_scores repeats with each copy).
-    return isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == 1
+def _per_image(value: object, n: int) -> bool:
+    # A value of the trunk's with the batch axis of the n images: what goes with each ablated copy of its image.
+    return isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n
 
 
 class _WrittenBytes(TorchDispatchMode):

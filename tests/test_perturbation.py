@@ -364,6 +364,23 @@ def test_a_loaded_ablation_cam_program_takes_an_image_a_call_and_gives_the_expla
     torch.testing.assert_close(got.maps["ablationcam"], want.maps["ablationcam"])
 
 
+@pytest.mark.parametrize("bad", [0, 2.5, "2", True])
+def test_a_file_whose_ablation_forwards_is_not_a_positive_integer_is_refused_naming_it(bad, tmp_path):
+    import json
+
+    import onnx
+
+    path = fastattr.export_onnx(tiny_net().float(), tmp_path / "t.onnx", methods=("ablationcam",), k=2,
+                                input_shape=(1, 2, 2), **RAW)
+    crafted = onnx.load(str(path))
+    entry = next(p for p in crafted.metadata_props if p.key == "fastattr")
+    entry.value = json.dumps({**json.loads(entry.value), "ablation_forwards": bad})
+    onnx.save(crafted, str(path))
+    with pytest.raises(fastattr.InputError, match=rf"gives ablation_forwards {bad!r}, not a positive integer; export "
+                                                  r"the file again"):
+        fastattr.OnnxExplainer(path)
+
+
 def test_ablation_cam_whose_copies_would_not_fit_is_refused_by_export_naming_their_size(tmp_path):
     # 1024 channels of 32x32 float32: 1024 copies of 4 MiB, 4096 MiB an image before the head runs.
     wide = nn.Sequential(nn.Conv2d(3, 1024, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1024, 3)).eval()
