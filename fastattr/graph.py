@@ -302,19 +302,31 @@ def folded_grads(s: Split, points: Callable[[int, int], Tensor], fold: Callable[
 
 
 def scores_of_copies(forward: Callable[[Tensor], Tensor], copies: Callable[[int, int], Tensor], count: int,
-                     classes: Tensor, per_chunk: int) -> Tensor:
+                     classes: Tensor, per_chunk: int, *, images: bool = False) -> Tensor:
     """`[N, count, K]`: the scores `forward` gives each image's classes `[N, K]` on `count` copies of it, made
     `per_chunk` at a time by `copies(start, stop) -> [N, stop - start, ...]`, without autograd.
 
     Only one chunk of copies is alive at once and only the scores are kept, so memory follows N * per_chunk
-    whatever `count` is.
+    whatever `count` is. `images=True` says the copies are images for the whole model: on CPU they go in
+    channels-last, whose convolutions oneDNN runs faster than the contiguous layout's, the model left as it is
+    (benchmarks/results/channels-last.md). A model whose forward cannot take that layout (a `.view` of its
+    input, say) gets the contiguous copies.
     """
     parts = []
+    channels_last = images
     with torch.no_grad():
         for start in range(0, count, per_chunk):
             x = copies(start, min(start + per_chunk, count))
             n, p = x.shape[:2]
-            logits = forward(x.flatten(0, 1)).unflatten(0, (n, p))
+            x = x.flatten(0, 1)
+            channels_last = channels_last and x.ndim == 4 and x.device.type == "cpu"
+            try:
+                logits = forward(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            except RuntimeError:
+                if not channels_last:
+                    raise
+                channels_last, logits = False, forward(x.contiguous())
+            logits = logits.unflatten(0, (n, p))
             parts.append(logits.gather(2, classes.unsqueeze(1).expand(-1, p, -1)))
     return torch.cat(parts, 1)
 

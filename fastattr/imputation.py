@@ -9,7 +9,8 @@ For a removed pixel i with neighbours j inside the image, edge neighbours weighi
 
 The authors' code (and pytorch-grad-cam's copy of it) builds this sparse system per image and channel in scipy
 and solves it on the host. Here it is solved for a whole batch at once on the images' device by conjugate
-gradients preconditioned by a geometric multigrid V-cycle, the system applied as a 3x3 convolution: the matrix is
+gradients preconditioned by a geometric multigrid V-cycle (Jacobi sweeps, an exact solve on the coarsest grid),
+the system applied as a 3x3 convolution: the matrix is
 symmetric (w_ij = w_ji) and positive definite as long as a kept pixel remains. An image with every pixel removed
 has no kept value to spread and becomes 0.
 
@@ -41,8 +42,9 @@ def noisy_linear_imputation(images: Tensor, removed: Tensor, *, noise: float = 0
     images' device); the kept pixels are unchanged. Each channel is its own system with the same matrix.
 
     tolerance: the relative residual ||b - Ax|| / ||b|| at which an image's system counts as solved (default
-        1e-6 in float32, 1e-10 in float64); max_iterations: at most this many preconditioned conjugate-gradient
-        steps (about ten reach 1e-6 on a 224x224 image with 90 % of it removed).
+        1e-4 in float32, where the float32 solution stops coming closer to the float64 one, and 1e-10 in
+        float64: benchmarks/results/road-imputation.md); max_iterations: at most this many preconditioned
+        conjugate-gradient steps (each a V-cycle; the results file has the counts).
 
     >>> x = torch.zeros(1, 1, 3, 3); x[0, 0, 0] = 12.0                       # the top row 12, the rest 0
     >>> noisy_linear_imputation(x, torch.tensor([[[0, 0, 0], [0, 1, 0], [0, 0, 0]]]), noise=0.0)[0, 0, 1, 1]
@@ -55,11 +57,12 @@ def noisy_linear_imputation(images: Tensor, removed: Tensor, *, noise: float = 0
             or removed.shape[-2:] != images.shape[-2:]:
         raise InputError(f"removed: expected a mask [B, 1, H, W] matching the images {list(images.shape)}, got "
                          f"{list(removed.shape)}")
-    tolerance = (1e-10 if images.dtype == torch.float64 else 1e-6) if tolerance is None else tolerance
+    tolerance = (1e-10 if images.dtype == torch.float64 else 1e-4) if tolerance is None else tolerance
     out = removed.to(images.dtype).expand_as(images).contiguous(memory_format=torch.channels_last)
     kept = 1 - out
     levels = _levels(out)
-    solution = _solve(levels, out * levels[0].spread(kept * images), tolerance, max_iterations)
+    solution = _solve(levels, out * levels[0].spread(kept * images.contiguous(memory_format=torch.channels_last)),
+                      tolerance, max_iterations)
     filled = kept * images + out * solution
     if noise:
         draw = torch.randn(images.shape, dtype=images.dtype, device=images.device, generator=generator)
@@ -68,59 +71,100 @@ def noisy_linear_imputation(images: Tensor, removed: Tensor, *, noise: float = 0
 
 
 class _Level:
-    """The system on one grid: `out` marks the unknown pixels (1); `diagonal` is sum_j w_ij over the neighbours
-    inside the grid (1, less at the borders) on the unknowns, 0 elsewhere."""
+    """The system on one grid, every tensor channels-last (the depthwise 3x3 convolution is several times faster
+    so on CPU): `out` marks the unknown pixels (1); `diagonal` is sum_j w_ij over the neighbours inside the grid
+    (1, less at the borders) on the unknowns, `inverse` its inverse there, both 0 elsewhere.
+
+    Every vector here (iterate, residual, direction) is 0 off the unknowns. The work is written in place on the
+    stencil's fresh output where it can be: a new tensor of the fine grid for each elementwise step took several
+    times the step's own time on CPU (allocation and page faults), which made the solve cost more than the
+    forwards it feeds."""
 
     def __init__(self, out: Tensor):
         self.out = out
         c = out.shape[1]
         self.weights = torch.tensor(NEIGHBOUR_WEIGHTS, dtype=out.dtype, device=out.device).expand(c, 1, 3, 3)
-        self.diagonal = out * self.spread(torch.ones_like(out[:1]))
-        self.damped_inverse = _DAMPING * out / self.diagonal.clamp_min(torch.finfo(out.dtype).tiny)
+        self.diagonal = out * self.spread(torch.ones_like(out))
+        self.inverse = out / self.diagonal.clamp_min(torch.finfo(out.dtype).tiny)
+        self.minus_out = -out
 
-    def spread(self, x: Tensor) -> Tensor:  # sum_j w_ij x_j over the neighbours inside the grid (zero padding)
-        # Channels-last: the depthwise 3x3 convolution is several times faster so on CPU, and the
-        # elementwise work around it keeps the layout.
-        return F.conv2d(x.contiguous(memory_format=torch.channels_last), self.weights, padding=1, groups=x.shape[1])
+    def spread(self, x: Tensor) -> Tensor:
+        """sum_j w_ij x_j over the neighbours inside the grid (zero padding): a new tensor."""
+        return F.conv2d(x, self.weights, padding=1, groups=x.shape[1])
 
     def apply(self, x: Tensor) -> Tensor:
-        """A x for an x that is 0 off the unknowns (every iterate, residual and direction here is)."""
-        return torch.addcmul(self.diagonal * x, self.out, self.spread(x), value=-1)
+        """A x = diagonal x - out spread(x)."""
+        return self.spread(x).mul_(self.minus_out).addcmul_(self.diagonal, x)
 
-    def sweep(self, x: Tensor, r: Tensor) -> Tensor:
-        """One damped Jacobi sweep for A x = r."""
-        return torch.addcmul(x, self.damped_inverse, r - self.apply(x))
+    def residual(self, r: Tensor, x: Tensor) -> Tensor:
+        """r - A x."""
+        return self.spread(x).mul_(self.out).add_(r).addcmul_(self.diagonal, x, value=-1)
+
+    def smooth(self, x: Tensor | None, inverse_r: Tensor, sweeps: int) -> Tensor:
+        """`sweeps` Jacobi sweeps x <- D^-1 (r + spread(x)) from x (None: 0, whose first sweep is D^-1 r), given
+        D^-1 r. Jacobi without damping: the stencil's high frequencies have D^-1 W within [-1/3, 1/3], which an
+        undamped sweep reduces most."""
+        if x is None:  # the first sweep from 0; a copy if it is the only one, since callers add into x
+            x, sweeps = (inverse_r if sweeps > 1 else inverse_r.clone()), sweeps - 1
+        for _ in range(sweeps):
+            x = self.spread(x).mul_(self.inverse).add_(inverse_r)
+        return x
+
+    def factor(self) -> None:
+        """Makes `solve` exact on this (coarsest) grid: A of each image's system as a dense matrix, the identity
+        on the known pixels, inverted once; at most 64 unknowns, so a matrix product per cycle."""
+        out = self.out[:, :1]
+        n, _, h, w = out.shape
+        basis = out.unsqueeze(1) * torch.eye(h * w, dtype=out.dtype, device=out.device).view(1, h * w, 1, h, w)
+        columns = torch.addcmul(self.diagonal[:, :1].unsqueeze(1) * basis, out.unsqueeze(1),
+                                F.conv2d(basis.flatten(0, 1), self.weights[:1], padding=1).unflatten(0, (n, h * w)),
+                                value=-1)  # [N, m, 1, h, w]: A e_k
+        matrix = columns.flatten(2).transpose(1, 2) + torch.diag_embed(1 - out.flatten(1))
+        # A system whose every pixel is unknown is singular (the constants); its right-hand side is 0 (nothing
+        # kept to spread), so a shift of one rounding error that makes every matrix invertible changes no answer.
+        shift = torch.finfo(out.dtype).eps * torch.eye(h * w, dtype=out.dtype, device=out.device)
+        self.inverse_matrix = torch.linalg.inv(matrix + shift)
+
+    def solve(self, r: Tensor) -> Tensor:
+        return (r.flatten(2) @ self.inverse_matrix.transpose(1, 2)).view(r.shape) * self.out
 
 
 def _levels(out: Tensor) -> list[_Level]:
-    """The grids of the multigrid, each half the last: a coarse pixel is unknown when its four fine pixels all
-    are, so a coarse correction never reaches past a kept pixel."""
+    """The grids of the multigrid, each half the last, down to at most 8 x 8, solved there exactly: a coarse
+    pixel is unknown when its four fine pixels all are, so a coarse correction never reaches past a kept pixel."""
     levels = [_Level(out)]
     while min(out.shape[-2:]) > _COARSEST:
         out = -F.max_pool2d(-out, 2, ceil_mode=True)
-        levels.append(_Level(out))
+        levels.append(_Level(out.contiguous(memory_format=torch.channels_last)))
+    levels[-1].factor()
     return levels
 
 
+def _restrict(r: Tensor) -> Tensor:
+    """Each 2x2 block of the fine grid summed into its coarse pixel (a grid of odd size padded with zeros)."""
+    return F.avg_pool2d(r, 2, ceil_mode=True, divisor_override=1)
+
+
+def _prolong(coarse: Tensor, h: int, w: int) -> Tensor:
+    """Each coarse pixel copied to its 2x2 block of the h x w grid (the transpose of `_restrict`)."""
+    ch, cw = coarse.shape[-2:]
+    return F.interpolate(coarse, size=(2 * ch, 2 * cw), mode="nearest")[..., :h, :w]
+
+
 def _v_cycle(levels: list[_Level], r: Tensor, depth: int = 0) -> Tensor:
-    """One multigrid V-cycle for A x = r from x = 0: damped Jacobi sweeps before and after the coarse correction
-    (the residual summed over each 2x2 block, the correction copied back to it: prolongation = restriction^T, so
-    the cycle is symmetric and preconditions conjugate gradients). The same 3x3 stencil on a grid twice as coarse
-    is four times the fine one on smooth functions, which summing rather than averaging the residual accounts for."""
+    """One multigrid V-cycle for A x = r from x = 0: Jacobi sweeps before and after the coarse correction, an
+    exact solve on the coarsest grid. Restriction is the transpose of the prolongation and the sweeps are
+    the same before and after, so the cycle is symmetric and preconditions conjugate gradients. The coarse grids
+    keep the 3x3 stencil; on smooth functions it is four times the fine one's, which the restriction's weights,
+    summing to 4 per coarse pixel, account for."""
     level = levels[depth]
-    x = torch.zeros_like(r)
-    sweeps = _COARSEST_SWEEPS if depth == len(levels) - 1 else _SWEEPS
-    for _ in range(sweeps):
-        x = level.sweep(x, r)
     if depth == len(levels) - 1:
-        return x
-    coarse = F.avg_pool2d(r - level.apply(x), 2, ceil_mode=True, divisor_override=1)
-    h, w = r.shape[-2:]
-    correction = _v_cycle(levels, coarse, depth + 1).repeat_interleave(2, -2).repeat_interleave(2, -1)
-    x = torch.addcmul(x, level.out, correction[..., :h, :w])
-    for _ in range(sweeps):
-        x = level.sweep(x, r)
-    return x
+        return level.solve(r)
+    inverse_r = level.inverse * r
+    x = level.smooth(None, inverse_r, _SWEEPS)
+    coarse = _restrict(level.residual(r, x)).mul_(levels[depth + 1].out)
+    x = x.addcmul_(level.out, _prolong(_v_cycle(levels, coarse, depth + 1), *r.shape[-2:]))
+    return level.smooth(x, inverse_r, _SWEEPS)
 
 
 def _solve(levels: list[_Level], rhs: Tensor, tolerance: float, max_iterations: int) -> Tensor:
@@ -135,22 +179,21 @@ def _solve(levels: list[_Level], rhs: Tensor, tolerance: float, max_iterations: 
         return torch.where(b > 0, a / b.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(b))
 
     x, r = torch.zeros_like(rhs), rhs.clone()
-    z = _v_cycle(levels, r)
-    p, rz = z, dot(r, z)
+    p = _v_cycle(levels, r)
+    rz = dot(r, p)
     goal = (tolerance ** 2) * dot(rhs, rhs)
     for _ in range(max_iterations):
         ap = level.apply(p)
         alpha = ratio(rz, dot(p, ap))
-        x, r = x + alpha * p, r - alpha * ap
-        if bool((dot(r, r) <= goal).all()):  # one host read a step: about ten steps, each a whole V-cycle
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1)
+        if bool((dot(r, r) <= goal).all()):  # one host read a step, against a whole V-cycle
             break
         z = _v_cycle(levels, r)
         rz, rz_last = dot(r, z), rz
-        p = z + ratio(rz, rz_last) * p
+        p = z.addcmul_(ratio(rz, rz_last), p)
     return x
 
 
 _COARSEST = 8           # grids coarsen while both sides are longer than this
-_SWEEPS = 2             # damped Jacobi sweeps before and after each coarse correction
-_COARSEST_SWEEPS = 30   # on the coarsest grid, in place of a solve
-_DAMPING = 0.8
+_SWEEPS = 2             # Jacobi sweeps before and after each coarse correction

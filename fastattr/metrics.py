@@ -159,7 +159,8 @@ def road(model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor, classe
         return filled
 
     per_chunk = max(1, sample_batch // (n * k))
-    changes = scores_of_copies(score, copies, count, classes.reshape(n * k, 1), per_chunk).view(n, k, count)
+    changes = scores_of_copies(score, copies, count, classes.reshape(n * k, 1), per_chunk,
+                               images=True).view(n, k, count)
     changes = changes - original.unsqueeze(-1)
     morf, lerf = changes[..., :len(percentiles)], changes[..., len(percentiles):]
     return Road(percentiles, morf, lerf, (lerf.mean(-1) - morf.mean(-1)) / 2)
@@ -269,7 +270,8 @@ def _curve(model, images, maps, classes, steps, baseline, probability, sample_ba
         return rows.unsqueeze(1) * shown + (base.unsqueeze(1) if base.ndim == 4 else base) * hidden
 
     per_chunk = max(1, sample_batch // (n * k))
-    scores = scores_of_copies(_scorer(model, probability), copies, steps + 1, classes.reshape(n * k, 1), per_chunk)
+    scores = scores_of_copies(_scorer(model, probability), copies, steps + 1, classes.reshape(n * k, 1), per_chunk,
+                              images=True)
     scores = scores.view(n, k, steps + 1)
     return Curve(scores, torch.trapezoid(scores, dx=1.0 / steps, dim=-1))
 
@@ -295,7 +297,7 @@ def _masked_scores(model, images, maps, classes, probability) -> tuple[Tensor, T
     with torch.no_grad():
         original = score(images).gather(1, classes)
     copies = lambda start, stop: images.unsqueeze(1) * maps[:, start:stop].unsqueeze(2)  # noqa: E731
-    masked = scores_of_copies(score, copies, k, classes, k)  # [N, K copies, K classes]: copy j for class j
+    masked = scores_of_copies(score, copies, k, classes, k, images=True)  # [N, K copies, K classes]: copy j for class j
     return original, masked.diagonal(dim1=1, dim2=2)
 
 

@@ -77,7 +77,7 @@ def masked_scores(forward: Callable[[Tensor], Tensor], images: Tensor, acts: Ten
         masks = (masks - lo) / (hi - lo + 1e-8)
         return images.unsqueeze(1) * masks.unsqueeze(2)
 
-    return scores_of_copies(forward, copies, acts.shape[1], classes, per_chunk).transpose(1, 2)
+    return scores_of_copies(forward, copies, acts.shape[1], classes, per_chunk, images=True).transpose(1, 2)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -122,7 +122,8 @@ def occlusion_drops(forward: Callable[[Tensor], Tensor], images: Tensor, classes
         masks = masks[None, :, None]
         return images.unsqueeze(1) * (1 - masks) + base * masks
 
-    occluded = scores_of_copies(forward, copies, rows.shape[0] * cols.shape[0], classes, per_chunk)  # [N, R*Q, K]
+    occluded = scores_of_copies(forward, copies, rows.shape[0] * cols.shape[0], classes, per_chunk,
+                                images=True)  # [N, R*Q, K]
     drops = (scores.unsqueeze(1) - occluded).unflatten(1, (rows.shape[0], cols.shape[0]))  # [N, R, Q, K]
     total = torch.einsum("nrqk,rh,qw->nkhw", drops, rows, cols)
     return total / (rows.sum(0)[:, None] * cols.sum(0)[None, :])
