@@ -87,6 +87,7 @@ class _Level:
         self.diagonal = out * self.spread(torch.ones_like(out))
         self.inverse = out / self.diagonal.clamp_min(torch.finfo(out.dtype).tiny)
         self.minus_out = -out
+        self.inverse_matrix: Tensor | None = None
 
     def spread(self, x: Tensor) -> Tensor:
         """sum_j w_ij x_j over the neighbours inside the grid (zero padding): a new tensor."""
@@ -112,7 +113,10 @@ class _Level:
 
     def factor(self) -> None:
         """Makes `solve` exact on this (coarsest) grid: A of each image's system as a dense matrix, the identity
-        on the known pixels, inverted once; at most 64 unknowns, so a matrix product per cycle."""
+        on the known pixels, inverted once, so a matrix product per cycle. Only for a grid of at most
+        `_DIRECT` pixels; a larger coarsest grid (a long thin image) is smoothed by `_COARSEST_SWEEPS` sweeps."""
+        if self.out.shape[-2] * self.out.shape[-1] > _DIRECT:
+            return
         out = self.out[:, :1]
         n, _, h, w = out.shape
         basis = out.unsqueeze(1) * torch.eye(h * w, dtype=out.dtype, device=out.device).view(1, h * w, 1, h, w)
@@ -126,12 +130,15 @@ class _Level:
         self.inverse_matrix = torch.linalg.inv(matrix + shift)
 
     def solve(self, r: Tensor) -> Tensor:
+        if self.inverse_matrix is None:
+            return self.smooth(None, self.inverse * r, _COARSEST_SWEEPS)
         return (r.flatten(2) @ self.inverse_matrix.transpose(1, 2)).view(r.shape) * self.out
 
 
 def _levels(out: Tensor) -> list[_Level]:
-    """The grids of the multigrid, each half the last, down to at most 8 x 8, solved there exactly: a coarse
-    pixel is unknown when its four fine pixels all are, so a coarse correction never reaches past a kept pixel."""
+    """The grids of the multigrid, each half the last, until a side is at most 8 (that grid solved exactly): a
+    coarse pixel is unknown when its four fine pixels all are, so a coarse correction never reaches past a kept
+    pixel."""
     levels = [_Level(out)]
     while min(out.shape[-2:]) > _COARSEST:
         out = -F.max_pool2d(-out, 2, ceil_mode=True)
@@ -197,3 +204,5 @@ def _solve(levels: list[_Level], rhs: Tensor, tolerance: float, max_iterations: 
 
 _COARSEST = 8           # grids coarsen while both sides are longer than this
 _SWEEPS = 2             # Jacobi sweeps before and after each coarse correction
+_DIRECT = 256           # the coarsest grid is solved exactly when it has at most this many pixels,
+_COARSEST_SWEEPS = 30   # and smoothed by this many sweeps otherwise
