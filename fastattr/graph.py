@@ -309,8 +309,8 @@ def scores_of_copies(forward: Callable[[Tensor], Tensor], copies: Callable[[int,
     Only one chunk of copies is alive at once and only the scores are kept, so memory follows N * per_chunk
     whatever `count` is. `images=True` says the copies are images for the whole model: on CPU they go in
     channels-last, whose convolutions oneDNN runs faster than the contiguous layout's, the model left as it is
-    (benchmarks/results/channels-last.md). A model whose forward cannot take that layout (a `.view` of its
-    input, say) gets the contiguous copies.
+    (benchmarks/results/channels-last.md). A model whose forward cannot take that layout (a `.view` of an
+    activation, say) gets contiguous copies for the rest of the call, after one failed try per call.
     """
     parts = []
     channels_last = images
@@ -322,8 +322,9 @@ def scores_of_copies(forward: Callable[[Tensor], Tensor], copies: Callable[[int,
             channels_last = channels_last and x.ndim == 4 and x.device.type == "cpu"
             try:
                 logits = forward(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-            except RuntimeError:
-                if not channels_last:
+            except RuntimeError as exc:
+                # Only a layout error is retried: any other would fail the same way, and hooks would run twice.
+                if not channels_last or not ("stride" in str(exc) or "contiguous" in str(exc)):
                     raise
                 channels_last, logits = False, forward(x.contiguous())
             logits = logits.unflatten(0, (n, p))

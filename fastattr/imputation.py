@@ -9,7 +9,7 @@ For a removed pixel i with neighbours j inside the image, edge neighbours weighi
 
 The authors' code (and pytorch-grad-cam's copy of it) builds this sparse system per image and channel in scipy
 and solves it on the host. Here it is solved for a whole batch at once on the images' device by conjugate
-gradients preconditioned by a geometric multigrid V-cycle (Jacobi sweeps, an exact solve on the coarsest grid),
+gradients preconditioned by a geometric multigrid V-cycle (Jacobi sweeps, a direct solve on a small coarsest grid),
 the system applied as a 3x3 convolution: the matrix is
 symmetric (w_ij = w_ji) and positive definite as long as a kept pixel remains. An image with every pixel removed
 has no kept value to spread and becomes 0.
@@ -42,8 +42,8 @@ def noisy_linear_imputation(images: Tensor, removed: Tensor, *, noise: float = 0
     images' device); the kept pixels are unchanged. Each channel is its own system with the same matrix.
 
     tolerance: the relative residual ||b - Ax|| / ||b|| at which an image's system counts as solved (default
-        1e-4 in float32, where the float32 solution stops coming closer to the float64 one, and 1e-10 in
-        float64: benchmarks/results/road-imputation.md); max_iterations: at most this many preconditioned
+        1e-4 in float32, where the float32 solution is within twice the distance from the float64 one that no
+        tolerance gets below, and 1e-10 in float64: benchmarks/results/road-imputation.md); max_iterations: at most this many preconditioned
         conjugate-gradient steps (each a V-cycle; the results file has the counts).
 
     >>> x = torch.zeros(1, 1, 3, 3); x[0, 0, 0] = 12.0                       # the top row 12, the rest 0
@@ -76,9 +76,9 @@ class _Level:
     (1, less at the borders) on the unknowns, `inverse` its inverse there, both 0 elsewhere.
 
     Every vector here (iterate, residual, direction) is 0 off the unknowns. The work is written in place on the
-    stencil's fresh output where it can be: a new tensor of the fine grid for each elementwise step took several
-    times the step's own time on CPU (allocation and page faults), which made the solve cost more than the
-    forwards it feeds."""
+    stencil's fresh output where it can be: on CPU a new fine-grid tensor for each elementwise step cost more than
+    the step itself (allocation and first-touch page faults), which made the solve dearer than the forwards it
+    feeds (benchmarks/results/road-imputation.md has the solve's time now)."""
 
     def __init__(self, out: Tensor):
         self.out = out
@@ -126,8 +126,10 @@ class _Level:
         matrix = columns.flatten(2).transpose(1, 2) + torch.diag_embed(1 - out.flatten(1))
         # A system whose every pixel is unknown is singular (the constants); its right-hand side is 0 (nothing
         # kept to spread), so a shift of one rounding error that makes every matrix invertible changes no answer.
-        shift = torch.finfo(out.dtype).eps * torch.eye(h * w, dtype=out.dtype, device=out.device)
-        self.inverse_matrix = torch.linalg.inv(matrix + shift)
+        # Half precision has no inverse in torch: the matrix is inverted in float32 and used in the images' dtype.
+        wide = torch.promote_types(out.dtype, torch.float32)
+        shift = torch.finfo(wide).eps * torch.eye(h * w, dtype=wide, device=out.device)
+        self.inverse_matrix = torch.linalg.inv(matrix.to(wide) + shift).to(out.dtype)
 
     def solve(self, r: Tensor) -> Tensor:
         if self.inverse_matrix is None:
@@ -136,7 +138,7 @@ class _Level:
 
 
 def _levels(out: Tensor) -> list[_Level]:
-    """The grids of the multigrid, each half the last, until a side is at most 8 (that grid solved exactly): a
+    """The grids of the multigrid, each half the last, until a side is at most 8 (see `factor`): a
     coarse pixel is unknown when its four fine pixels all are, so a coarse correction never reaches past a kept
     pixel."""
     levels = [_Level(out)]
@@ -160,7 +162,7 @@ def _prolong(coarse: Tensor, h: int, w: int) -> Tensor:
 
 def _v_cycle(levels: list[_Level], r: Tensor, depth: int = 0) -> Tensor:
     """One multigrid V-cycle for A x = r from x = 0: Jacobi sweeps before and after the coarse correction, an
-    exact solve on the coarsest grid. Restriction is the transpose of the prolongation and the sweeps are
+    direct solve on the coarsest grid when it is small (`factor`). Restriction is the transpose of the prolongation and the sweeps are
     the same before and after, so the cycle is symmetric and preconditions conjugate gradients. The coarse grids
     keep the 3x3 stencil; on smooth functions it is four times the fine one's, which the restriction's weights,
     summing to 4 per coarse pixel, account for."""

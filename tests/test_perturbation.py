@@ -262,8 +262,8 @@ def test_peak_memory_of_529_occluded_copies_stays_that_of_one_chunk():
     # 96x96: window 8, stride 4 places ceil(88 / 4) + 1 = 23 windows a side, 529 copies; window 32, stride 32
     # places ceil(64 / 32) + 1 = 3 a side, 9 copies.
     # The least of three fresh processes for the chunked pass: with the copies channels-last, one run in a few
-    # peaks up to about a hundred MiB higher than the next (benchmarks/results/perturbation-memory.md), a
-    # transient of oneDNN's convolutions, not memory growing with the copies, which every run would show.
+    # peaks higher than the next (benchmarks/results/perturbation-memory.md), a transient of oneDNN's
+    # convolutions, not memory growing with the copies, which every run would show.
     few, many = added_peak_mib(32, 32, 16), min(added_peak_mib(8, 4, 16) for _ in range(3))
     unchunked = added_peak_mib(8, 4, None)
     assert unchunked > 3 * max(few, 50), (few, many, unchunked)
@@ -316,6 +316,18 @@ def test_a_model_that_views_its_activation_gets_contiguous_copies():
     contiguous, _ = recorded_scores(net, x, images=False)
     assert seen == [True, False, False]  # tried once, then contiguous for the rest of the call
     assert torch.equal(given, contiguous)
+
+
+def test_an_error_of_the_model_that_is_not_about_the_layout_is_raised_after_one_forward():
+    calls = []
+
+    def broken(copies):
+        calls.append(copies.shape[0])
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        recorded_scores(broken, torch.rand(2, 3, 8, 8), images=True)
+    assert calls == [4]  # the first chunk, once
 
 
 # --- options and refusals ----------------------------------------------------------------------------------
