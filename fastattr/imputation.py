@@ -9,10 +9,9 @@ For a removed pixel i with neighbours j inside the image, edge neighbours weighi
 
 The authors' code (and pytorch-grad-cam's copy of it) builds this sparse system per image and channel in scipy
 and solves it on the host. Here it is solved for a whole batch at once on the images' device by conjugate
-gradients preconditioned by a geometric multigrid V-cycle (Jacobi sweeps, a direct solve on a small coarsest grid),
-the system applied as a 3x3 convolution: the matrix is
-symmetric (w_ij = w_ji) and positive definite as long as a kept pixel remains. An image with every pixel removed
-has no kept value to spread and becomes 0.
+gradients preconditioned by a geometric multigrid V-cycle (Jacobi sweeps, a direct solve on a small coarsest
+grid), the system applied as a 3x3 convolution: the matrix is symmetric (w_ij = w_ji) and positive definite as
+long as a kept pixel remains. An image with every pixel removed has no kept value to spread and becomes 0.
 
 >>> removed = maps >= maps.flatten(1).quantile(0.8, dim=1).view(-1, 1, 1, 1)     # doctest: +SKIP
 >>> filled = noisy_linear_imputation(images, removed, noise=0.01)               # doctest: +SKIP
@@ -43,8 +42,8 @@ def noisy_linear_imputation(images: Tensor, removed: Tensor, *, noise: float = 0
 
     tolerance: the relative residual ||b - Ax|| / ||b|| at which an image's system counts as solved (default
         1e-4 in float32, where the float32 solution is within twice the distance from the float64 one that no
-        tolerance gets below, and 1e-10 in float64: benchmarks/results/road-imputation.md); max_iterations: at most this many preconditioned
-        conjugate-gradient steps (each a V-cycle; the results file has the counts).
+        tolerance gets below, and 1e-10 in float64: benchmarks/results/road-imputation.md); max_iterations: at
+        most this many preconditioned conjugate-gradient steps (each a V-cycle; the results file has the counts).
 
     >>> x = torch.zeros(1, 1, 3, 3); x[0, 0, 0] = 12.0                       # the top row 12, the rest 0
     >>> noisy_linear_imputation(x, torch.tensor([[[0, 0, 0], [0, 1, 0], [0, 0, 0]]]), noise=0.0)[0, 0, 1, 1]
@@ -161,10 +160,10 @@ def _prolong(coarse: Tensor, h: int, w: int) -> Tensor:
 
 
 def _v_cycle(levels: list[_Level], r: Tensor, depth: int = 0) -> Tensor:
-    """One multigrid V-cycle for A x = r from x = 0: Jacobi sweeps before and after the coarse correction, an
-    direct solve on the coarsest grid when it is small (`factor`). Restriction is the transpose of the prolongation and the sweeps are
-    the same before and after, so the cycle is symmetric and preconditions conjugate gradients. The coarse grids
-    keep the 3x3 stencil; on smooth functions it is four times the fine one's, which the restriction's weights,
+    """One multigrid V-cycle for A x = r from x = 0: Jacobi sweeps before and after the coarse correction, a
+    direct solve on the coarsest grid when it is small (`factor`). Restriction is the transpose of the
+    prolongation and the sweeps are the same before and after, so the cycle is symmetric and preconditions
+    conjugate gradients. The coarse grids keep the 3x3 stencil; on smooth functions it is four times the fine one's, which the restriction's weights,
     summing to 4 per coarse pixel, account for."""
     level = levels[depth]
     if depth == len(levels) - 1:

@@ -297,7 +297,8 @@ def _masked_scores(model, images, maps, classes, probability) -> tuple[Tensor, T
     with torch.no_grad():
         original = score(images).gather(1, classes)
     copies = lambda start, stop: images.unsqueeze(1) * maps[:, start:stop].unsqueeze(2)  # noqa: E731
-    masked = scores_of_copies(score, copies, k, classes, k, images=True)  # [N, K copies, K classes]: copy j for class j
+    # [N, K copies, K classes]: copy j for class j
+    masked = scores_of_copies(score, copies, k, classes, k, images=True)
     return original, masked.diagonal(dim1=1, dim2=2)
 
 
