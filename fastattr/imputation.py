@@ -163,8 +163,8 @@ def _v_cycle(levels: list[_Level], r: Tensor, depth: int = 0) -> Tensor:
     """One multigrid V-cycle for A x = r from x = 0: Jacobi sweeps before and after the coarse correction, a
     direct solve on the coarsest grid when it is small (`factor`). Restriction is the transpose of the
     prolongation and the sweeps are the same before and after, so the cycle is symmetric and preconditions
-    conjugate gradients. The coarse grids keep the 3x3 stencil; on smooth functions it is four times the fine one's, which the restriction's weights,
-    summing to 4 per coarse pixel, account for."""
+    conjugate gradients. The coarse grids keep the 3x3 stencil; on smooth functions it is four times the fine
+    one's, which the restriction's weights, summing to 4 per coarse pixel, account for."""
     level = levels[depth]
     if depth == len(levels) - 1:
         return level.solve(r)
