@@ -80,6 +80,7 @@ def test_explicit_classes_as_a_second_input(tmp_path):
     assert_same_explanation(fastattr.OnnxExplainer(path)(x, classes), want)
 
 
+@pytest.mark.slow  # exports
 @pytest.mark.parametrize("bad", [1000, -1])
 def test_a_class_index_outside_the_models_classes_is_refused_before_onnxruntime_gathers_it(tmp_path, bad):
     # The graph gathers each class's weight row: onnxruntime would fail on 1000 and read -1 as class 999.

@@ -369,6 +369,7 @@ def compiled_and_eager(methods, compile, sample_batch, n=2):
     return fastattr.Explainer(net, compile=compile, **options)(x, k=2), fastattr.Explainer(net, **options)(x, k=2)
 
 
+@pytest.mark.slow  # compiles
 @pytest.mark.parametrize("method", PERTURBATION_METHODS)
 def test_a_compiled_perturbation_method_captures_its_chunks_forward_whole_and_equals_eager(method):
     # The "eager" backend runs the captured graph as it is: fullgraph=True still refuses any graph break.
