@@ -5,14 +5,11 @@ benchmarks/results/ablation-export-cost.md.
     .venv/bin/python scripts/ablation_cost.py > benchmarks/results/ablation-export-cost.md
 """
 
-import os
-import platform
-import re
-from pathlib import Path
 
 import torch
 import torchvision
 
+from machine import machine
 import fastattr
 from fastattr.export import ABLATION_BYTES
 
@@ -22,10 +19,7 @@ CASES = [("resnet18", "layer4"), ("resnet18", "layer3"), ("resnet50", "layer4"),
 
 def main() -> None:
     print("# What an exported Ablation-CAM takes per image\n")
-    cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    print(f"Machine: {cpu.group(1) if cpu else platform.machine()}, {os.cpu_count()} cores, {platform.system()}; "
-          f"Python {platform.python_version()}, torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}; random weights, one image [1, 3, 224, 224] float32.\n")
+    print(f"{machine()}; random weights, one image [1, 3, 224, 224] float32.\n")
     print("Command: `.venv/bin/python scripts/ablation_cost.py` (`Explainer.ablation_cost`). An export runs the "
           "head above the layer on all C ablated copies of each image at once; it takes Ablation-CAM when the "
           f"copies and what the head writes on them (at least what it keeps at once) fit in {ABLATION_BYTES >> 20} "

@@ -5,15 +5,13 @@ channels-last on CPU (`fastattr.graph.scores_of_copies`). The figures of benchma
     .venv/bin/python scripts/channels_last.py > benchmarks/results/channels-last.md
 """
 
-import os
-import platform
-import re
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torchvision
+
+from machine import machine
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "vgg11_bn")
 ROUNDS = 5
@@ -22,10 +20,7 @@ BATCH = 16
 
 def main() -> None:
     print("# Channels-last images on CPU\n")
-    cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    print(f"Machine: {cpu.group(1) if cpu else platform.machine()}, {os.cpu_count()} cores, {platform.system()}; "
-          f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"{torch.get_num_threads()} threads.\n")
+    print(f"{machine()}, {torch.get_num_threads()} threads.\n")
     print(f"Command: `.venv/bin/python scripts/channels_last.py`. Plain inference (`torch.no_grad`) of a batch of "
           f"{BATCH} random images [16, 3, 224, 224] float32, random weights; the same model object takes the images "
           f"contiguous and channels-last in turn, {ROUNDS} rounds interleaved after a warm-up; median images/s.\n")

@@ -6,17 +6,13 @@ same 18 removals beside it. The figures of benchmarks/results/road-imputation.md
     .venv/bin/python scripts/road_imputation.py > benchmarks/results/road-imputation.md
 """
 
-import os
-import platform
-import re
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
+from machine import machine
 from fastattr import imputation
 from fastattr.imputation import noisy_linear_imputation
 from fastattr.metrics import ROAD_PERCENTILES
@@ -64,10 +60,7 @@ def main() -> None:
     images, removed = removals()
     exact = noisy_linear_imputation(images.double(), removed, noise=0.0)
     print("# ROAD's noisy linear imputation: tolerance, accuracy and time\n")
-    cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    print(f"Machine: {cpu.group(1) if cpu else platform.machine()}, {os.cpu_count()} cores, {platform.system()}; "
-          f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"{torch.get_num_threads()} threads.\n")
+    print(f"{machine()}, {torch.get_num_threads()} threads.\n")
     print("Command: `.venv/bin/python scripts/road_imputation.py`. One random 224x224 image and the 18 removals of "
           "pytorch-grad-cam's `ROADCombined` (most and least relevant first at 10, 20, ..., 90 %) of a smooth "
           "map, solved as one batch `[18, 3, 224, 224]` without noise. 'Largest difference' is from the float64 "
