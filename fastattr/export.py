@@ -505,8 +505,9 @@ class OnnxExplainer:
             self.session = ort.InferenceSession(str(self.path), options,
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # noqa: BLE001
+            reason = " ".join(str(exc).split())[:300]  # onnxruntime's own words name the node and type it lacks
             raise InputError(f"path: {str(self.path)!r} is not an ONNX model onnxruntime can load "
-                             f"({type(exc).__name__}); write one with fastattr.export_onnx") from None
+                             f"({type(exc).__name__}: {reason}); write one with fastattr.export_onnx") from None
         meta = self.session.get_modelmeta().custom_metadata_map.get("fastattr")
         if not meta:
             raise InputError(f"path: {str(self.path)!r} is an ONNX model but not a fastattr export; "
