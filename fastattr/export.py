@@ -37,6 +37,9 @@ _EXTRA = "fastattr.json"
 _PROGRAM_META = f"extra/{_EXTRA}"
 _AOTI_FOLDER = "data/aotinductor/"
 _AOTI_MODEL = f"{_AOTI_FOLDER}model/"   # the model `aoti_load_package` loads
+# Weights past this many bytes go beside the file: protobuf cannot write a message of 2 GB or more, and the graph
+# needs room beside its weights (torch.onnx's own rule, made fastattr's so that it is stated and tested here).
+EXTERNAL_DATA_BYTES = 1536 << 20
 _META_MAX_BYTES = 1 << 20   # fastattr's metadata is far smaller: a larger entry is not fastattr's
 _TRUST_HOW = "pass trusted=True if you made the file or trust whoever did (--trusted on the command line)"
 # TMPDIR belongs to the whole process: one AOTInductor load at a time points it at a folder of its own.
@@ -175,8 +178,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
     Inputs: `images [N, *input_shape]` (and `class_indices [N, k]` int64 with `with_classes=True`); outputs:
     `logits`, `classes`, then one `[N, k, H, W]` map per method, named after it. The backward pass is
     traced into ordinary forward operators (a convolution's input gradient becomes a ConvTranspose).
-    Weights are stored once. With `external_data=True`, and always for a model over 2 GB (protobuf's limit),
-    they go beside the file as `<path>.data`: keep both together.
+    Weights are stored once. With `external_data=True`, and always for weights over `EXTERNAL_DATA_BYTES` (1.5 GiB,
+    below protobuf's 2 GB limit), they go beside the file as `<path>.data`: keep both together.
 
     >>> fastattr.export_onnx(model, "resnet18.onnx", layer="layer4", k=5)        # doctest: +SKIP
     >>> out = fastattr.OnnxExplainer("resnet18.onnx")(images)                   # doctest: +SKIP
@@ -203,9 +206,15 @@ def export_onnx(model: nn.Module, path: str | Path, *, layer: str | None = None,
     program.model.metadata_props["fastattr"] = json.dumps(meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = _initializer_bytes(program.model) > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external_data)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def _initializer_bytes(model) -> int:
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
 
 
 def _optimize(model) -> None:

@@ -264,8 +264,13 @@ def test_peak_memory_of_529_occluded_copies_stays_that_of_one_chunk():
     # The least of three fresh processes for the chunked pass: with the copies channels-last, one run in a few
     # peaks higher than the next (benchmarks/results/perturbation-memory.md), a transient of oneDNN's
     # convolutions, not memory growing with the copies, which every run would show.
-    few, many = added_peak_mib(32, 32, 16), min(added_peak_mib(8, 4, 16) for _ in range(3))
-    unchunked = added_peak_mib(8, 4, None)
+    # The same verdict as the least of three, without the further processes when the first is within the bound.
+    few, unchunked = added_peak_mib(32, 32, 16), added_peak_mib(8, 4, None)
+    many = added_peak_mib(8, 4, 16)
+    for _ in range(2):
+        if many < 1.25 * few + 40:
+            break
+        many = min(many, added_peak_mib(8, 4, 16))
     assert unchunked > 3 * max(few, 50), (few, many, unchunked)
     assert many < 1.25 * few + 40, (few, many, unchunked)
 
