@@ -143,3 +143,13 @@ def test_a_front_end_builds_through_the_one_construction_path(front_end):
         source = MODULES[module].read_text()
         for constructor in ("Explainer(", "OnnxExplainer(", "load_program(", "zoo.load_model("):
             assert constructor not in source, f"{module} calls {constructor} itself instead of fastattr.pipeline.build"
+
+
+@pytest.mark.xdist_group("structure")
+def test_a_grouped_test_carries_its_group_under_loadgroup(request):
+    # The suite's module fixtures (exports, servers, Ray jobs) are made once because `--dist loadgroup` sends a
+    # group to one worker; that holds only while pytest-xdist can rename the test (see pyproject.toml's dev pin).
+    if not request.config.pluginmanager.hasplugin("xdist") or not getattr(request.config.option, "loadgroup", False) \
+            or not hasattr(request.config, "workerinput"):
+        pytest.skip("runs under pytest-xdist with --dist loadgroup")
+    assert request.node.nodeid.endswith("@structure"), request.node.nodeid
