@@ -371,6 +371,7 @@ def test_a_flat_saliency_map_stays_zero_in_onnxruntime(tmp_path):
     assert torch.equal(out.maps["saliency"], torch.zeros(2, 1, 16, 16))
 
 
+@pytest.mark.slow  # an ONNX export
 def test_weights_past_the_inline_limit_are_written_beside_the_file_once(tmp_path, monkeypatch):
     # The limit stands below protobuf's 2 GB; lowered here to 1 MB so that a 2.2 MB model crosses it the way a
     # 2.2 GB one crosses the real limit (the same code path, without writing 2 GB). Unasked, the weights go to
@@ -390,6 +391,7 @@ def test_weights_past_the_inline_limit_are_written_beside_the_file_once(tmp_path
                             fastattr.Explainer(net, layer="1", methods=("gradcam", "saliency"))(x, k=2))
 
 
+@pytest.mark.slow  # an ONNX export
 def test_weights_under_the_inline_limit_stay_in_the_file(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 350)).eval()
     path = fastattr.export_onnx(net, tmp_path / "small.onnx", layer="1", methods="gradcam", k=1, input_shape=(3, 16, 16))
