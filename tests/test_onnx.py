@@ -371,6 +371,12 @@ def test_a_flat_saliency_map_stays_zero_in_onnxruntime(tmp_path):
     assert torch.equal(out.maps["saliency"], torch.zeros(2, 1, 16, 16))
 
 
+def wide_net() -> nn.Module:
+    """A conv and a linear layer of 2.2 MB in float32 for 16x16 images (seed 0)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 350)).eval()
+
+
 @pytest.mark.slow  # an ONNX export
 def test_weights_past_the_inline_limit_are_written_beside_the_file_once(tmp_path, monkeypatch):
     # The limit stands below protobuf's 2 GB; lowered here to 1 MB so that a 2.2 MB model crosses it the way a
@@ -378,8 +384,7 @@ def test_weights_past_the_inline_limit_are_written_beside_the_file_once(tmp_path
     # `<path>.data`, once: the file is the size of the parameters, not twice it.
     assert fastattr.export.EXTERNAL_DATA_BYTES < 2**31
     monkeypatch.setattr(fastattr.export, "EXTERNAL_DATA_BYTES", 2**20)
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 350)).eval()
+    net = wide_net()
     weights = sum(p.numel() for p in net.parameters()) * 4
     assert weights > 2**21
     path = fastattr.export_onnx(net, tmp_path / "big.onnx", layer="1", methods=("gradcam", "saliency"), k=2,
@@ -393,7 +398,7 @@ def test_weights_past_the_inline_limit_are_written_beside_the_file_once(tmp_path
 
 @pytest.mark.slow  # an ONNX export
 def test_weights_under_the_inline_limit_stay_in_the_file(tmp_path):
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 350)).eval()
+    net = wide_net()
     path = fastattr.export_onnx(net, tmp_path / "small.onnx", layer="1", methods="gradcam", k=1, input_shape=(3, 16, 16))
     assert not (tmp_path / "small.onnx.data").exists()
     assert path.stat().st_size > sum(p.numel() for p in net.parameters()) * 4

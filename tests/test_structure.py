@@ -149,7 +149,6 @@ def test_a_front_end_builds_through_the_one_construction_path(front_end):
 def test_a_grouped_test_carries_its_group_under_loadgroup(request):
     # The suite's module fixtures (exports, servers, Ray jobs) are made once because `--dist loadgroup` sends a
     # group to one worker; that holds only while pytest-xdist can rename the test (see pyproject.toml's dev pin).
-    if not request.config.pluginmanager.hasplugin("xdist") or not getattr(request.config.option, "loadgroup", False) \
-            or not hasattr(request.config, "workerinput"):
+    if not hasattr(request.config, "workerinput") or not getattr(request.config.option, "loadgroup", False):
         pytest.skip("runs under pytest-xdist with --dist loadgroup")
     assert request.node.nodeid.endswith("@structure"), request.node.nodeid
