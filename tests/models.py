@@ -103,6 +103,15 @@ def mini_fcn(num_classes: int = 6) -> nn.Module:
     return calibrated(FCN(backbone, FCNHead(512, num_classes)), torch.float32)
 
 
+def two_conv_net() -> nn.Module:
+    """Two convolutions, a pooling and a classifier of 10 classes (random weights, eval mode): for the tests of
+    what wraps the graph (chunking, loading, trust), whose export time grows with the graph and whose subject
+    does not depend on it. Its last convolution is the layer "2"."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
 def calibrated(net: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`net` in eval mode, each batch norm's running statistics those of one pass over random images."""
     for m in net.modules():

@@ -75,12 +75,12 @@ def test_layers_lists_candidates_and_marks_the_default(capsys):
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_explain_runs_an_onnx_export_and_refuses_a_k_or_noise_other_than_its_own(tmp_path, capsys):
     onnx = tmp_path / "r18.onnx"
-    assert cli.main(["export", "--model", "resnet18", "--layer", "layer4", "--k", "2", "--input-size", "64",
-                     "-o", str(onnx)]) == 0
+    assert cli.main(["export", "--model", "resnet18", "--layer", "layer4", "--methods", "gradcam,layercam",
+                     "--k", "2", "--input-size", "64", "-o", str(onnx)]) == 0
     assert cli.main(["explain", str(EXAMPLES / "coffee.png"), "--onnx", str(onnx), "--no-progress",
                      "-o", str(tmp_path / "out")]) == 0
     line = json.loads((tmp_path / "out" / "results.jsonl").read_text())
-    assert len(line["classes"]) == 2 and set(line["maps"]) == {"gradcam", "saliency"}
+    assert len(line["classes"]) == 2 and set(line["maps"]) == {"gradcam", "layercam"}
     assert line["maps"]["gradcam"][0]["peak"][0] < 64
     assert cli.main(["explain", str(EXAMPLES / "coffee.png"), "--onnx", str(onnx), "--k", "3",
                      "-o", str(tmp_path / "out")]) == 2

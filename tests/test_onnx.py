@@ -173,18 +173,16 @@ def test_an_op_without_onnx_translation_is_named(tmp_path):
 
 @pytest.mark.slow  # an ONNX export of a whole model
 def test_the_command_line_exports_a_torchvision_model_with_a_weights_file(tmp_path):
-    net = torch.nn.Module()
     weights = tmp_path / "resnet18.pt"
     torch.save(model("resnet18").state_dict(), weights)
     done = subprocess.run([sys.executable, "-m", "fastattr", "export", "--model", "resnet18", "--weights", str(weights),
-                           "--layer", "layer4", "--methods", "gradcam,saliency", "--k", "2", "--input-size", "64",
+                           "--layer", "layer4", "--methods", "gradcam, layercam", "--k", "2", "--input-size", "64",
                            "-o", str(tmp_path / "cli.onnx")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cli.onnx" in done.stdout
     x = images(2)
-    want = fastattr.Explainer(model("resnet18"), layer="layer4", methods=("gradcam", "saliency"))(x, k=2)
+    want = fastattr.Explainer(model("resnet18"), layer="layer4", methods=("gradcam", "layercam"))(x, k=2)
     assert_same_explanation(fastattr.OnnxExplainer(tmp_path / "cli.onnx")(x), want)
-    del net
 
 
 def test_the_command_line_names_an_unknown_model(tmp_path):
