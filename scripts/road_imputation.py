@@ -1,7 +1,8 @@
 """ROAD's noisy linear imputation (`fastattr.imputation`) on the 18 removals ROADCombined makes of one 224x224
 image (most and least relevant first at 10, 20, ..., 90 %): for each float32 tolerance, the V-cycles run, the
-largest difference from the float64 solution and the seconds a call takes; pytorch-grad-cam's scipy solve of the
-same 18 removals beside it. The figures of benchmarks/results/road-imputation.md.
+largest difference from the float64 solution and the seconds a call takes; the fine grid's operations in two
+layouts and forms; pytorch-grad-cam's scipy solve of the same 18 removals beside it. The figures of
+benchmarks/results/road-imputation.md.
 
     .venv/bin/python scripts/road_imputation.py > benchmarks/results/road-imputation.md
 """
@@ -56,6 +57,49 @@ def seconds(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def operations() -> None:
+    """The fine grid's operations of the solve, each in two ways and two layouts of the same 54 systems (18 images
+    of 3 channels): `[18, 3, H, W]` and `[1, 54, H, W]` (fastattr.imputation's), both channels-last. Milliseconds,
+    the median of 20 calls, interleaved."""
+    def ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    stencil = torch.tensor(imputation.NEIGHBOUR_WEIGHTS)
+    rows = []
+    for shape in ((18, 3), (1, 54)):
+        g = torch.Generator().manual_seed(1)
+        fine = torch.rand(*shape, 224, 224, generator=g).contiguous(memory_format=torch.channels_last)
+        coarse = torch.rand(*shape, 112, 112, generator=g).contiguous(memory_format=torch.channels_last)
+        c = shape[1]
+        block = torch.ones(c, 1, 2, 2)
+        ones = torch.ones(shape[0], 1, 224 * 224)
+        rows.append((shape, {
+            "3x3 stencil (depthwise convolution)": ms(lambda: F.conv2d(fine, stencil.expand(c, 1, 3, 3), padding=1,
+                                                                       groups=c)),
+            "restriction by 2x2 sum pooling": ms(lambda: F.avg_pool2d(fine, 2, ceil_mode=True, divisor_override=1)),
+            "restriction by a strided 2x2 convolution of ones": ms(lambda: F.conv2d(fine, block, stride=2, groups=c)),
+            "prolongation by nearest upsampling": ms(lambda: F.interpolate(coarse, size=(224, 224), mode="nearest")),
+            "prolongation by a transposed 2x2 convolution": ms(lambda: F.conv_transpose2d(coarse, block, stride=2,
+                                                                                         groups=c)),
+            "dot product per system by `sum` over the pixels": ms(lambda: (fine * fine).sum((2, 3))),
+            "dot product per system by a product with ones": ms(
+                lambda: ones @ (fine * fine).permute(0, 2, 3, 1).reshape(shape[0], 224 * 224, c)),
+        }))
+    print("\nThe fine grid's operations of one step, on these 18 removals' 54 (image, channel) systems laid out as "
+          "18 images of 3 channels or as one image of 54 channels, both channels-last; milliseconds a call (median of "
+          "20). fastattr uses the second layout, pooling, upsampling and the product with ones.\n")
+    print(f"| operation | {' | '.join(f'[{a}, {b}, 224, 224]' for (a, b), _ in rows)} |")
+    print("|---|---|---|")
+    for name in rows[0][1]:
+        print(f"| {name} | {' | '.join(f'{times[name]:.2f}' for _, times in rows)} |")
+
+
 def main() -> None:
     images, removed = removals()
     exact = noisy_linear_imputation(images.double(), removed, noise=0.0)
@@ -72,6 +116,7 @@ def main() -> None:
         took = seconds(lambda: noisy_linear_imputation(images, removed, noise=0.0, tolerance=tolerance))
         print(f"| {tolerance:g}{' (default)' if tolerance == 1e-4 else ''} | {cycles(images, removed, tolerance)} | "
               f"{(got.double() - exact).abs().max().item():.1e} | {took:.2f} |")
+    operations()
     try:
         from pytorch_grad_cam.metrics.road import NoisyLinearImputer
     except ImportError:
