@@ -18,10 +18,12 @@ plain-inference images/s of its model by it. Peers on the same images, layer and
   and removal, and a clean forward per percentile and order); fastattr's `metrics.road` at the same, one clean
   forward and 18 imputed copies (19 forwards), its imputation solved in torch.
 Compiled cases (`-compiled`) compile each chunk's forward with inductor (the warm-up call compiles).
-resnet50 runs the groups whose peers finish in minutes. Its Score-CAM (fastattr's and both peers') and
-pytorch-grad-cam's Ablation-CAM forward the whole of resnet50 2048 times an image, minutes a call here: they run
-only with FASTATTR_BENCH_LONG=1, one timed call each and no warm-up call (at 2048 forwards a warm-up would
-double the minutes and change nothing the timer sees).
+resnet50 runs the groups whose peers finish in minutes. With FASTATTR_BENCH_LONG=1 it also runs the cases of
+minutes a call here: Score-CAM (fastattr's, eager and compiled, and both peers'), pytorch-grad-cam's Ablation-CAM
+(the whole of resnet50 forwarded 2048 times an image at layer4, 1024 at layer3) beside fastattr's at layer3, and
+the compiled occlusion. The eager ones of them run one timed call and no warm-up call (`ONE_CALL`: at a thousand
+forwards a warm-up would double the minutes and change nothing the timer sees); a compiled case keeps its
+warm-up, which compiles.
 """
 
 import importlib
@@ -44,7 +46,8 @@ LONG = FULL and os.environ.get("FASTATTR_BENCH_LONG") == "1"
 CHUNK = 16
 WINDOW, STRIDE, STEPS = (32, 16, 32) if FULL else (32, 16, 4)
 WINDOWS = (-(-(SIZE - WINDOW) // STRIDE) + 1) ** 2
-CHANNELS = {("resnet18", "layer4"): 512, ("resnet18", "layer3"): 256, ("resnet50", "layer4"): 2048}
+CHANNELS = {("resnet18", "layer4"): 512, ("resnet18", "layer3"): 256, ("resnet50", "layer4"): 2048,
+            ("resnet50", "layer3"): 1024}
 
 
 def fastattr_case(name: str, method: str, layer: str = "layer4", compiled: bool = False):
@@ -192,6 +195,16 @@ def cases(name: str) -> dict:
             "torchcam-scorecam": ("scorecam layer4", 1, 2048, lambda: torchcam_score_cam_case(name)),
             "pytorch-grad-cam-ablationcam-layer4": ("ablationcam layer4", 1, 2048, lambda: grad_cam_case(
                 name, pgc("pytorch_grad_cam").AblationCAM, "layer4")),
+            "fastattr-scorecam-compiled": ("scorecam layer4", 1, 2048,
+                                           lambda: fastattr_case(name, "scorecam", compiled=True)),
+            "fastattr-ablationcam-layer3": ("ablationcam layer3", 1, 1024,
+                                            lambda: fastattr_case(name, "ablationcam", "layer3")),
+            "fastattr-ablationcam-layer3-compiled": ("ablationcam layer3", 1, 1024,
+                                                     lambda: fastattr_case(name, "ablationcam", "layer3", True)),
+            "pytorch-grad-cam-ablationcam-layer3": ("ablationcam layer3", 1, 1024, lambda: grad_cam_case(
+                name, pgc("pytorch_grad_cam").AblationCAM, "layer3")),
+            "fastattr-occlusion-compiled": ("occlusion", 1, WINDOWS,
+                                            lambda: fastattr_case(name, "occlusion", compiled=True)),
         }
     if name == "resnet18":
         out |= {
@@ -220,9 +233,10 @@ def cases(name: str) -> dict:
 
 
 CASES = {(name, case): spec for name in MODELS for case, spec in cases(name).items()}
-# The cases that forward the whole of resnet50 2048 times an image: timed once, without a warm-up call.
-WHOLE_MODEL_2048 = {("resnet50", case) for case in ("fastattr-scorecam", "pytorch-grad-cam-scorecam",
-                                                    "torchcam-scorecam", "pytorch-grad-cam-ablationcam-layer4")}
+# The eager cases that forward the whole of resnet50 1024 or 2048 times an image: one timed call, no warm-up.
+ONE_CALL = {("resnet50", case) for case in ("fastattr-scorecam", "pytorch-grad-cam-scorecam", "torchcam-scorecam",
+                                            "pytorch-grad-cam-ablationcam-layer4",
+                                            "pytorch-grad-cam-ablationcam-layer3")}
 PEERS = {"pytorch-grad-cam": "pytorch_grad_cam", "captum": "captum", "torchcam": "torchcam", "quantus": "quantus"}
 
 
@@ -231,5 +245,5 @@ def test_perturbation(benchmark, rep, name, case):
     group, n, forwards, build = CASES[name, case]
     if peer := next((p for p in PEERS if case.startswith(p + "-")), None):
         pytest.importorskip(PEERS[peer])
-    run(benchmark, build(), n, warmup_rounds=0 if (name, case) in WHOLE_MODEL_2048 else 1, group=f"{group} {name}",
+    run(benchmark, build(), n, warmup_rounds=0 if (name, case) in ONE_CALL else 1, group=f"{group} {name}",
         model=name, case=f"{name}-{case}", forwards_per_image=forwards)
