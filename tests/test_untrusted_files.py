@@ -208,7 +208,7 @@ def test_a_package_without_a_compiled_library_is_refused_even_when_trusted(tmp_p
         fastattr.load_program(tmp_path / "no-library.pt2", trusted=True)
 
 
-@pytest.mark.slow  # torch.export and AOTInductor compiles of a whole model
+@pytest.mark.slow  # torch.export and an AOTInductor compile
 @pytest.mark.parametrize("aoti", [False, True])
 def test_a_genuine_export_loads_and_explains_when_trusted(tmp_path, aoti, no_folder_left):
     net = two_conv_net()  # the subject is the trust gate, whatever the model
