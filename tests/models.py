@@ -91,8 +91,9 @@ def segmenter(name: str, dtype: torch.dtype = torch.float32, num_classes: int = 
 
 
 @functools.cache
-def mini_fcn(num_classes: int = 6) -> nn.Module:
-    """torchvision's FCN on mini-resnet18's layers (float32, random weights, calibrated): a segmentation model whose
+def mini_fcn(dtype: torch.dtype = torch.float32, num_classes: int = 6) -> nn.Module:
+    """torchvision's FCN on mini-resnet18's layers (random weights, calibrated), one per dtype as `model` and
+    `segmenter` (a cached module cast in place would change every later caller's): a segmentation model whose
     graph exports in seconds; it returns `{"out": [N, C, H, W]}` as torchvision's segmentation models do."""
     from torchvision.models import resnet
     from torchvision.models._utils import IntermediateLayerGetter
@@ -100,7 +101,7 @@ def mini_fcn(num_classes: int = 6) -> nn.Module:
 
     torch.manual_seed(0)
     backbone = IntermediateLayerGetter(resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1]), {"layer4": "out"})
-    return calibrated(FCN(backbone, FCNHead(512, num_classes)), torch.float32)
+    return calibrated(FCN(backbone, FCNHead(512, num_classes)).to(dtype), dtype)
 
 
 def two_conv_net() -> nn.Module:

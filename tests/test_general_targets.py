@@ -222,7 +222,7 @@ def traceable_target(kind, dtype=torch.float32):
             maps = out["out"]
             wins = torch.nn.functional.one_hot(maps.argmax(1), maps.shape[1]).movedim(-1, 1).to(maps.dtype)
             return (maps * wins).sum((2, 3))
-        return mini_fcn().to(dtype), "backbone.layer3", targets.segmentation(), formula
+        return mini_fcn(dtype), "backbone.layer3", targets.segmentation(), formula
     if kind == "multilabel":
         return model("mini-resnet18", dtype), "layer3", targets.multilabel, torch.sigmoid
     if kind == "similarity":
@@ -240,6 +240,17 @@ def traceable_target(kind, dtype=torch.float32):
 
 
 TRACEABLE = ["segmentation", "multilabel", "similarity", "callable"]
+
+
+@pytest.mark.parametrize("kind", TRACEABLE)
+def test_a_float64_target_model_leaves_the_float32_one_other_tests_share_as_it_was(kind):
+    # The models are cached: a float64 one made by casting the float32 one in place made a later ONNX export
+    # float64, which onnxruntime cannot run (its CPU Conv has no float64 kernel), in whichever worker ran both.
+    float32, *_ = traceable_target(kind)
+    float64, *_ = traceable_target(kind, torch.float64)
+    assert float64 is not float32
+    assert {p.dtype for p in float32.parameters()} == {torch.float32}
+    assert {p.dtype for p in float64.parameters()} == {torch.float64}
 
 
 @pytest.mark.slow  # torch.compile
