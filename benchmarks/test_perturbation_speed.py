@@ -17,7 +17,8 @@ plain-inference images/s of its model by it. Peers on the same images, layer and
 - ROAD: pytorch-grad-cam's `ROADCombined` at its percentiles 10, 20, ..., 90 (a scipy solve per image, channel
   and removal, and a clean forward per percentile and order); fastattr's `metrics.road` at the same, one clean
   forward and 18 imputed copies (19 forwards), its imputation solved in torch.
-Compiled cases (`-compiled`) compile each chunk's forward with inductor (the warm-up call compiles).
+Compiled cases (`-compiled`) compile each chunk's forward with inductor (the warm-up call compiles); ROAD's
+forwards a model wrapped by `torch.compile`, as a user of `metrics.road` would.
 resnet50 runs the groups whose peers finish in minutes. With FASTATTR_BENCH_LONG=1 it also runs the cases of
 minutes a call here: Score-CAM (fastattr's, eager and compiled, and both peers'), pytorch-grad-cam's Ablation-CAM
 (the whole of resnet50 forwarded 2048 times an image at layer4, 1024 at layer3) beside fastattr's at layer3, and
@@ -146,10 +147,13 @@ def torchcam_deletion_insertion_case(name: str):
     return both
 
 
-def road_case(name: str):
+def road_case(name: str, compiled: bool = False):
     net, x = model(name), images(1)
     out = gradcam_of(net, x)
-    return lambda: metrics.road(net, x, out.maps["gradcam"], out.classes, sample_batch=CHUNK)
+    # Compiled: the metric forwards a compiled model (a wrapper: the model itself is unchanged); the warm-up call
+    # compiles its three batch sizes (the clean image, a chunk of 16 copies, the last 2).
+    scored = torch.compile(net, backend=COMPILE_BACKEND) if compiled else net
+    return lambda: metrics.road(scored, x, out.maps["gradcam"], out.classes, sample_batch=CHUNK)
 
 
 def grad_cam_road_case(name: str):
@@ -185,6 +189,7 @@ def cases(name: str) -> dict:
         "fastattr-deletion": ("deletion", 1, STEPS + 1, lambda: deletion_case(name)),
         "quantus-deletion": ("deletion", 1, 3 * STEPS, lambda: quantus_deletion_case(name)),
         "fastattr-road": ("road", 1, road_forwards, lambda: road_case(name)),
+        "fastattr-road-compiled": ("road", 1, road_forwards, lambda: road_case(name, compiled=True)),
         "pytorch-grad-cam-road": ("road", 1, road_forwards, lambda: grad_cam_road_case(name)),
     }
     if name == "resnet50" and LONG:

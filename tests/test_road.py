@@ -137,6 +137,19 @@ def test_road_with_noise_gives_the_same_scores_whatever_the_chunk_size():
     assert not torch.equal(other_seed.most_relevant_first, one.most_relevant_first)
 
 
+@pytest.mark.slow  # torch.compile's capture of resnet18 at three batch sizes
+def test_road_of_a_model_compiled_by_torch_compile_equals_road_of_the_model():
+    # The copies go to the compiled model channels-last, as to the eager one; "eager" is torch.compile's capture
+    # without inductor's code generation (benchmarks/test_perturbation_speed.py times inductor's).
+    net, x = model("resnet18"), images(2)
+    out = fastattr.Explainer(net, methods="gradcam")(x, k=2)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    want = metrics.road(net, x, out.maps["gradcam"], out.classes, percentiles=(30, 70), sample_batch=3)
+    got = metrics.road(compiled, x, out.maps["gradcam"], out.classes, percentiles=(30, 70), sample_batch=3)
+    torch.testing.assert_close(got.most_relevant_first, want.most_relevant_first, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.least_relevant_first, want.least_relevant_first, rtol=0, atol=1e-6)
+
+
 def test_road_of_a_map_on_the_object_is_positive_and_of_the_reversed_map_negative():
     # A 16x16 image, 1 on an 8x8 square (a quarter of it) and 0 around; the logit is the square's sum. The map
     # marks the square (ties broken by a tiny ramp). MoRF removes square pixels first, which imputation fills
