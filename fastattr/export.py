@@ -515,8 +515,13 @@ class OnnxExplainer:
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # noqa: BLE001
             reason = " ".join(str(exc).split())[:300]  # onnxruntime's own words name the node and type it lacks
+            # A file onnxruntime reads but has no kernel for (its CPU provider has no float64 convolution, so a
+            # float64 model's export) needs another dtype, not another file.
+            fix = ("export the model in float32 (model.float()): these providers have no kernel for one of its "
+                   "operators at its dtype" if type(exc).__name__ == "NotImplemented" else
+                   "write one with fastattr.export_onnx")
             raise InputError(f"path: {str(self.path)!r} is not an ONNX model onnxruntime can load "
-                             f"({type(exc).__name__}: {reason}); write one with fastattr.export_onnx") from None
+                             f"({type(exc).__name__}: {reason}); {fix}") from None
         meta = self.session.get_modelmeta().custom_metadata_map.get("fastattr")
         if not meta:
             raise InputError(f"path: {str(self.path)!r} is an ONNX model but not a fastattr export; "
