@@ -137,7 +137,7 @@ def test_road_with_noise_gives_the_same_scores_whatever_the_chunk_size():
     assert not torch.equal(other_seed.most_relevant_first, one.most_relevant_first)
 
 
-@pytest.mark.slow  # torch.compile's capture of resnet18 at three batch sizes
+@pytest.mark.slow  # torch.compile's captures of resnet18 (the clean batch and the copies' chunks)
 def test_road_of_a_model_compiled_by_torch_compile_equals_road_of_the_model():
     # The copies go to the compiled model channels-last, as to the eager one; "eager" is torch.compile's capture
     # without inductor's code generation (benchmarks/test_perturbation_speed.py times inductor's).
