@@ -192,43 +192,30 @@ def cases(name: str) -> dict:
         "fastattr-road-compiled": ("road", 1, road_forwards, lambda: road_case(name, compiled=True)),
         "pytorch-grad-cam-road": ("road", 1, road_forwards, lambda: grad_cam_road_case(name)),
     }
-    if name == "resnet50" and LONG:
+    # Score-CAM, the peers' Ablation-CAM and the compiled forms: resnet18's always, resnet50's (minutes a call)
+    # with FASTATTR_BENCH_LONG=1.
+    if name == "resnet18" or LONG:
+        layer4, layer3 = CHANNELS[name, "layer4"], CHANNELS[name, "layer3"]
         out |= {
-            "fastattr-scorecam": ("scorecam layer4", 1, 2048, lambda: fastattr_case(name, "scorecam")),
-            "pytorch-grad-cam-scorecam": ("scorecam layer4", 1, 2048, lambda: grad_cam_case(
-                name, pgc("pytorch_grad_cam").ScoreCAM, "layer4")),
-            "torchcam-scorecam": ("scorecam layer4", 1, 2048, lambda: torchcam_score_cam_case(name)),
-            "pytorch-grad-cam-ablationcam-layer4": ("ablationcam layer4", 1, 2048, lambda: grad_cam_case(
-                name, pgc("pytorch_grad_cam").AblationCAM, "layer4")),
-            "fastattr-scorecam-compiled": ("scorecam layer4", 1, 2048,
+            "fastattr-scorecam": ("scorecam layer4", 1, layer4, lambda: fastattr_case(name, "scorecam")),
+            "fastattr-scorecam-compiled": ("scorecam layer4", 1, layer4,
                                            lambda: fastattr_case(name, "scorecam", compiled=True)),
-            "fastattr-ablationcam-layer3": ("ablationcam layer3", 1, 1024,
+            "pytorch-grad-cam-scorecam": ("scorecam layer4", 1, layer4, lambda: grad_cam_case(
+                name, pgc("pytorch_grad_cam").ScoreCAM, "layer4")),
+            "torchcam-scorecam": ("scorecam layer4", 1, layer4, lambda: torchcam_score_cam_case(name)),
+            "pytorch-grad-cam-ablationcam-layer4": ("ablationcam layer4", 1, layer4, lambda: grad_cam_case(
+                name, pgc("pytorch_grad_cam").AblationCAM, "layer4")),
+            "fastattr-ablationcam-layer3": ("ablationcam layer3", 1, layer3,
                                             lambda: fastattr_case(name, "ablationcam", "layer3")),
-            "fastattr-ablationcam-layer3-compiled": ("ablationcam layer3", 1, 1024,
+            "fastattr-ablationcam-layer3-compiled": ("ablationcam layer3", 1, layer3,
                                                      lambda: fastattr_case(name, "ablationcam", "layer3", True)),
-            "pytorch-grad-cam-ablationcam-layer3": ("ablationcam layer3", 1, 1024, lambda: grad_cam_case(
+            "pytorch-grad-cam-ablationcam-layer3": ("ablationcam layer3", 1, layer3, lambda: grad_cam_case(
                 name, pgc("pytorch_grad_cam").AblationCAM, "layer3")),
             "fastattr-occlusion-compiled": ("occlusion", 1, WINDOWS,
                                             lambda: fastattr_case(name, "occlusion", compiled=True)),
         }
     if name == "resnet18":
         out |= {
-            "fastattr-scorecam": ("scorecam layer4", 1, 512, lambda: fastattr_case(name, "scorecam")),
-            "fastattr-scorecam-compiled": ("scorecam layer4", 1, 512,
-                                           lambda: fastattr_case(name, "scorecam", compiled=True)),
-            "pytorch-grad-cam-scorecam": ("scorecam layer4", 1, 512, lambda: grad_cam_case(
-                name, pgc("pytorch_grad_cam").ScoreCAM, "layer4")),
-            "torchcam-scorecam": ("scorecam layer4", 1, 512, lambda: torchcam_score_cam_case(name)),
-            "pytorch-grad-cam-ablationcam-layer4": ("ablationcam layer4", 1, 512, lambda: grad_cam_case(
-                name, pgc("pytorch_grad_cam").AblationCAM, "layer4")),
-            "fastattr-ablationcam-layer3": ("ablationcam layer3", 1, 256,
-                                            lambda: fastattr_case(name, "ablationcam", "layer3")),
-            "fastattr-ablationcam-layer3-compiled": ("ablationcam layer3", 1, 256,
-                                                     lambda: fastattr_case(name, "ablationcam", "layer3", True)),
-            "pytorch-grad-cam-ablationcam-layer3": ("ablationcam layer3", 1, 256, lambda: grad_cam_case(
-                name, pgc("pytorch_grad_cam").AblationCAM, "layer3")),
-            "fastattr-occlusion-compiled": ("occlusion", 1, WINDOWS,
-                                            lambda: fastattr_case(name, "occlusion", compiled=True)),
             "fastattr-deletion-insertion": ("deletion and insertion", 1, 2 * (STEPS + 1),
                                             lambda: deletion_insertion_case(name)),
             "torchcam-deletion-insertion": ("deletion and insertion", 1, 2 * (STEPS + 1),
