@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fastattr
-from models import ARCHS, COMPILABLE_METHODS, MINI_ARCHS, images, model
+from models import ARCHS, COMPILABLE_METHODS, MINI_ARCHS, images, model, two_conv_net
 from test_compile import WRONG_INPUTS, assert_same_explanation
 
 # Six architecture families at reduced depth (tests/models.py's MINI_ARCHS: the same classes and ops in a graph
@@ -158,9 +158,7 @@ def test_a_file_that_is_not_a_fastattr_export_is_refused(tmp_path):
 @pytest.mark.slow  # an ONNX export
 def test_a_float64_export_that_onnxruntime_has_no_convolution_for_is_refused_with_the_float32_fix(tmp_path):
     # The export is valid ONNX; onnxruntime's CPU provider has no float64 Conv, so only loading it fails.
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-    path = fastattr.export_onnx(net.double().eval(), tmp_path / "f64.onnx", layer="0", methods="gradcam", k=1,
+    path = fastattr.export_onnx(two_conv_net().double(), tmp_path / "f64.onnx", layer="2", methods="gradcam", k=1,
                                 input_shape=(3, 8, 8))
     with pytest.raises(fastattr.InputError, match=r"NotImplemented: .*Conv.*; export the model in float32"):
         fastattr.OnnxExplainer(path)
